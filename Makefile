@@ -1,0 +1,40 @@
+# `make demo` and `make test` do all set-up themselves on a fresh machine: they create
+# .venv and install the pinned environment (requirements/constraints.txt) when it is
+# missing or out of date; a second run reuses it and starts at once.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# Order matters: fairseq-fixed compiles against the torch and numpy already in the
+# venv (--no-build-isolation) and must not pull its declared torchaudio (--no-deps).
+# The compile takes about 4 minutes once; pip caches the wheel for later venvs.
+$(STAMP): requirements/constraints.txt setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) pip setuptools
+	$(PIP) torch numpy cython
+	$(PIP) --no-deps --no-build-isolation fairseq-fixed
+	$(PIP) -e '.[fairseq,hf,experiments,test]'
+	$(PY) -c "import torch, fairseq, transformers, datasets, sacrebleu, softadam_nlp; \
+	          print('environment ready: torch', torch.__version__, '| fairseq', fairseq.__version__, \
+	                '| transformers', transformers.__version__)"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+bench: $(STAMP)
+	$(PY) scripts/bench_optimizer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,50 @@
+"""Install softadam_nlp. Exact versions for development live in requirements/constraints.txt."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+for line in Path("softadam_nlp/__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        exec(line, version)
+
+setup(
+    name="softadam-nlp",
+    version=version["__version__"],
+    description="SoftAdam (SGD/Adam blend) optimizer for fairseq and Hugging Face transformers",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["softadam_nlp", "softadam_nlp.*"]),
+    install_requires=["torch>=2.4"],
+    extras_require={
+        # fairseq itself is installed separately (see the Makefile): its 0.12.2
+        # release does not build on Python 3.11 and the fork that does must be
+        # installed with --no-deps. These are its runtime needs.
+        "fairseq": [
+            "hydra-core",
+            "omegaconf",
+            "bitarray",
+            "sacrebleu",
+            "regex",
+            "scikit-learn",
+            "cython",
+            "cffi",
+            "packaging",
+            "tqdm",
+        ],
+        "hf": [
+            "transformers",
+            "datasets",
+            "tokenizers",
+            "accelerate",
+            "safetensors",
+            "sacremoses",
+            "subword-nmt",
+            "sacrebleu",
+        ],
+        "experiments": ["matplotlib", "numpy"],
+        "test": ["pytest", "hypothesis"],
+    },
+)

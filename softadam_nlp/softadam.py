@@ -1,0 +1,478 @@
+r"""SoftAdam: one optimizer that interpolates SGD with momentum and Adam.
+
+"SoftAdam: Unifying SGD and Adam for better stochastic gradient descent"
+(ICLR 2020 submission), Algorithm 1. This module is the one source of the update
+math in the package: the fairseq and transformers adapters wrap :class:`SoftAdam`.
+
+Layout follows ``torch/optim/adam.py``: the :class:`SoftAdam` class gathers state
+per parameter group and calls the functional :func:`softadam`, which dispatches to a
+per-tensor execution (:func:`_single_tensor_softadam`) or a multi-tensor
+``torch._foreach_*`` execution (:func:`_multi_tensor_softadam`). Both use the step
+coefficients from :func:`_step_coefficients`, so the scalar part of the algorithm is
+written once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import (
+    Optimizer,
+    ParamsT,
+    _default_to_fused_or_foreach,
+    _get_scalar_dtype,
+    _get_value,
+    _use_grad_for_differentiable,
+)
+
+__all__ = ["SoftAdam", "softadam"]
+
+# Parameters stored in these dtypes keep their optimizer state (and do the update
+# arithmetic) in float32: a bfloat16 second moment cannot resolve the tiny
+# (1 - beta2) increments, and its per-tensor mean would be badly rounded.
+_LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _state_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of the moment buffers (and of the update arithmetic) for ``param``."""
+    return torch.float32 if param.dtype in _LOW_PRECISION_DTYPES else param.dtype
+
+
+class SoftAdam(Optimizer):
+    r"""Implements SoftAdam (Algorithm 1 of the SoftAdam paper).
+
+    .. math::
+       \begin{aligned}
+        &\textbf{input}: \alpha \text{ (lr)}, \beta_1, \beta_2 \text{ (betas)},
+            \eta \text{ (eta)}, \epsilon \text{ (eps)}, \lambda \text{ (weight decay)},
+            \theta_0 \text{ (params)} \\
+        &\textbf{initialize}: m_0 \leftarrow 0, \; v_0 \leftarrow 0 \\
+        &\textbf{for}\; t = 1, 2, \ldots \;\textbf{do} \\
+        &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
+            \quad (-\nabla_\theta f_t \text{ if maximize}) \\
+        &\quad m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+        &\quad \beta_{2,t} \leftarrow \min(\beta_2, 1 - 1/t) \\
+        &\quad v_t \leftarrow \beta_{2,t} v_{t-1} + (1 - \beta_{2,t}) g_t^2 \\
+        &\quad \bar v_t \leftarrow \operatorname{mean}(v_t)
+            \quad \text{(over all elements of this tensor)} \\
+        &\quad \gamma_t \leftarrow \sqrt{(1 - \beta_2) / (1 - \beta_{2,t})} \\
+        &\quad d_t \leftarrow 1 + \eta - \eta\gamma_t
+            + \eta\gamma_t \sqrt{v_t / (\bar v_t + \epsilon^2)} \\
+        &\quad \theta_t \leftarrow \theta_{t-1} - \alpha\lambda\theta_{t-1} \\
+        &\quad \theta_t \leftarrow \theta_t - \alpha (1 + \eta)\, n_t / d_t,
+            \quad n_t = m_t \text{, or } \beta_1 m_t + (1 - \beta_1) g_t
+            \text{ with nesterov} \\
+        &\textbf{return}\; \theta_t
+       \end{aligned}
+
+    With ``eta=0`` the denominator is exactly 1 and the update is SGD with momentum
+    ``beta1`` and dampening ``beta1`` (``buf = beta1*buf + (1-beta1)*g``, buffer
+    starting at zero). As ``eta`` grows the step tends to an Adam-like step
+    normalised per element by ``sqrt(v)`` relative to the tensor's RMS gradient.
+    Because :math:`0 < \gamma_t \le 1` and :math:`\eta \ge 0`, :math:`d_t \ge 1`:
+    no element ever takes a larger step than SGD's ``lr*(1+eta)*m``. Early in
+    training :math:`\gamma_t` is small, so the step is SGD-like while the second
+    moment is still noisy; that is what lets SoftAdam train without warmup.
+
+    Args:
+        params: iterable of parameters or parameter groups (dicts).
+        lr: learning rate :math:`\alpha` (default: 0.1, an SGD-like scale).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default: (0.9, 0.999)).
+        eps: :math:`\epsilon`; its square is added to :math:`\bar v_t` (default: 1e-8).
+        eta: :math:`\eta \ge 0`, the SGD (0) to Adam (large) blend (default: 1.0).
+        weight_decay: decoupled weight decay :math:`\lambda`, as in AdamW (default: 0).
+        nesterov: use the Nesterov numerator (default: False).
+        maximize: maximise the objective instead of minimising it (default: False).
+        foreach: force the multi-tensor (True) or per-tensor (False) execution;
+            ``None`` picks as ``torch.optim`` does (multi-tensor when every parameter
+            is on a device with foreach kernels, e.g. CUDA; per-tensor on CPU).
+
+    Parameters in bfloat16 or float16 keep ``exp_avg`` and ``exp_avg_sq`` in
+    float32 and do the update arithmetic in float32, rounding into the parameter
+    once per step.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        eta: float = 1.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+    ) -> None:
+        _check_hyperparameters(lr=lr, betas=betas, eps=eps, eta=eta, weight_decay=weight_decay)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            eta=eta,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            # Read by torch's _use_grad_for_differentiable; SoftAdam is not differentiable.
+            differentiable=False,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Groups may override any hyperparameter: validate each group, not only the
+        # defaults, so a bad per-group value fails here rather than mid-training.
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            eta=group["eta"],
+            weight_decay=group["weight_decay"],
+        )
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise ValueError("SoftAdam does not support complex parameters")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state, keeping float32 moments for low-precision parameters.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state
+        tensor to its parameter's dtype, which would round the float32 moments of a
+        bfloat16 parameter to bfloat16 and break bit-exact resumption. The moments are
+        therefore restored from the saved tensors at the state dtype.
+        """
+        saved_moments = {
+            param_id: {k: state[k] for k in ("exp_avg", "exp_avg_sq") if k in state}
+            for param_id, state in state_dict["state"].items()
+        }
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for param_id, param in zip(saved_ids, params):
+            for key, value in saved_moments.get(param_id, {}).items():
+                self.state[param][key] = value.to(
+                    device=param.device, dtype=_state_dtype(param), copy=True
+                )
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "SoftAdam does not support sparse gradients: the per-tensor mean of "
+                    "the second moment needs every element (use a dense embedding)"
+                )
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                # The step counter lives on the CPU, like torch's non-capturable Adam:
+                # it only feeds scalar coefficients.
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(
+                    p, dtype=_state_dtype(p), memory_format=torch.preserve_format
+                )
+                state["exp_avg_sq"] = torch.zeros_like(
+                    p, dtype=_state_dtype(p), memory_format=torch.preserve_format
+                )
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+
+    @_use_grad_for_differentiable
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            beta1, beta2 = group["betas"]
+            softadam(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                state_steps,
+                foreach=group["foreach"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                eta=group["eta"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+            )
+        return loss
+
+
+def _check_hyperparameters(
+    *, lr: float, betas: Any, eps: float, eta: float, weight_decay: float
+) -> None:
+    """Raise ValueError naming the first hyperparameter that SoftAdam cannot use."""
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid eps={eps}: must be >= 0")
+    if not 0.0 <= eta:
+        raise ValueError(
+            f"Invalid eta={eta}: must be >= 0 (a negative eta can make the denominator "
+            "1 + eta - eta*gamma + eta*gamma*sqrt(v/vbar) zero or negative)"
+        )
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay={weight_decay}: must be >= 0")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas={betas!r}: must be a pair (beta1, beta2)")
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: betas[{index}]={beta} is not in [0, 1)")
+
+
+Scalar = Union[float, Tensor]
+
+
+def _step_coefficients(
+    step: Scalar, beta2: float, eta: float
+) -> tuple[Scalar, Scalar, Scalar, Scalar]:
+    r"""The scalar part of one SoftAdam step, shared by both executions.
+
+    Returns ``(beta2_t, 1 - beta2_t, 1 + eta - eta*gamma, eta*gamma)``. In eager mode
+    ``step`` is a Python number and so are the results; under ``torch.compile`` it
+    is the 0-dim step tensor, and the results are tensors, so the compiled graph does
+    not specialise (and recompile) on the step count.
+
+    ``1 - beta2_t = max(1 - beta2, 1/t)`` is computed directly rather than as
+    ``1 - min(beta2, 1 - 1/t)`` to avoid a cancellation.
+    """
+    if isinstance(step, Tensor):
+        second_moment_weight = (1.0 / step).clamp(min=1.0 - beta2)
+        gamma = ((1.0 - beta2) / second_moment_weight).sqrt()
+    else:
+        second_moment_weight = max(1.0 - beta2, 1.0 / step)
+        gamma = math.sqrt((1.0 - beta2) / second_moment_weight)
+    return 1.0 - second_moment_weight, second_moment_weight, 1.0 + eta - eta * gamma, eta * gamma
+
+
+def _eps_squared(eps: float, dtype: torch.dtype) -> float:
+    # With eps=0, a tensor whose gradients are all zero has vbar=0 and sqrt(v)=0:
+    # flooring at the smallest normal number keeps 0/sqrt(tiny) = 0 instead of NaN,
+    # and changes nothing for any eps whose square is representable.
+    return max(eps * eps, torch.finfo(dtype).tiny)
+
+
+def softadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: Optional[bool] = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    eta: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """Functional SoftAdam: apply one step to ``params`` in place.
+
+    See :class:`SoftAdam` for the algorithm. ``exp_avgs`` and ``exp_avg_sqs`` are in
+    the state dtype of each parameter (float32 for bfloat16/float16 parameters);
+    ``state_steps`` are 0-dim tensors incremented here.
+    """
+    if foreach is None:
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    if foreach and torch.jit.is_scripting():
+        raise RuntimeError("torch.jit.script is not supported with foreach SoftAdam")
+    func = _multi_tensor_softadam if foreach else _single_tensor_softadam
+    func(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        eta=eta,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+    )
+
+
+def _single_tensor_softadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    eta: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps
+    ):
+        step_t += 1
+        beta2_t, second_moment_weight, denom_offset, denom_scale = _step_coefficients(
+            _get_value(step_t), beta2, eta
+        )
+        # Low-precision parameters: do the arithmetic on a float32 copy.
+        work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
+        grad = grad.to(exp_avg.dtype)
+        if maximize:
+            grad = -grad
+
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2_t)
+        if isinstance(second_moment_weight, Tensor):  # torch.compile: tensor coefficient
+            exp_avg_sq.add_(grad.square() * second_moment_weight)
+        else:
+            exp_avg_sq.addcmul_(grad, grad, value=second_moment_weight)
+
+        if weight_decay != 0:
+            work.mul_(1 - lr * weight_decay)
+        numerator = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1) if nesterov else exp_avg
+        if eta == 0:
+            # d == 1 exactly: plain SGD with momentum, bit for bit.
+            work.add_(numerator, alpha=-lr)
+        else:
+            inv_rms = torch.rsqrt(exp_avg_sq.mean() + _eps_squared(eps, exp_avg_sq.dtype))
+            denom = exp_avg_sq.sqrt().mul_(denom_scale * inv_rms).add_(denom_offset)
+            work.addcdiv_(numerator, denom, value=-lr * (1 + eta))
+        if work is not param:
+            param.copy_(work)
+
+
+def _multi_tensor_softadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    eta: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    if len(params) == 0:
+        return
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
+    )
+    for (device_params_, device_grads_, device_exp_avgs_, device_exp_avg_sqs_, device_steps_), _ in grouped.values():
+        device_params: list[Tensor] = list(device_params_)  # type: ignore[arg-type]
+        device_exp_avgs: list[Tensor] = list(device_exp_avgs_)  # type: ignore[arg-type]
+        device_exp_avg_sqs: list[Tensor] = list(device_exp_avg_sqs_)  # type: ignore[arg-type]
+        device_steps: list[Tensor] = list(device_steps_)  # type: ignore[arg-type]
+        state_dtype = device_exp_avgs[0].dtype
+        # Low-precision parameters: do the arithmetic on float32 copies.
+        work = (
+            device_params
+            if device_params[0].dtype == state_dtype
+            else [p.to(state_dtype) for p in device_params]
+        )
+        device_grads = [g.to(state_dtype) for g in device_grads_]  # type: ignore[union-attr]
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+
+        torch._foreach_add_(device_steps, 1)
+        steps = [_get_value(s) for s in device_steps]
+        if isinstance(steps[0], Tensor):
+            # torch.compile: per-tensor lists of 0-dim tensor coefficients.
+            coefficients = [_step_coefficients(s, beta2, eta) for s in steps]
+            beta2_t, weight, denom_offset, denom_scale = (list(c) for c in zip(*coefficients))
+        elif all(s == steps[0] for s in steps):
+            # The usual case: one scalar per coefficient, which keeps the foreach
+            # kernels on their in-place scalar fast path.
+            beta2_t, weight, denom_offset, denom_scale = _step_coefficients(steps[0], beta2, eta)
+        else:
+            # Parameters that joined the group later have their own step counts.
+            coefficients = [_step_coefficients(s, beta2, eta) for s in steps]
+            beta2_t, weight, denom_offset, denom_scale = (list(c) for c in zip(*coefficients))
+
+        torch._foreach_mul_(device_exp_avgs, beta1)
+        torch._foreach_add_(device_exp_avgs, device_grads, alpha=1 - beta1)
+        torch._foreach_mul_(device_exp_avg_sqs, beta2_t)
+        if isinstance(steps[0], Tensor):
+            squares = torch._foreach_mul(device_grads, device_grads)
+            torch._foreach_mul_(squares, weight)
+            torch._foreach_add_(device_exp_avg_sqs, squares)
+            del squares
+        else:
+            torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, weight)
+
+        if weight_decay != 0:
+            torch._foreach_mul_(work, 1 - lr * weight_decay)
+        if nesterov:
+            numerators = torch._foreach_mul(device_exp_avgs, beta1)
+            torch._foreach_add_(numerators, device_grads, alpha=1 - beta1)
+        else:
+            numerators = device_exp_avgs
+        if eta == 0:
+            # d == 1 exactly: plain SGD with momentum, bit for bit.
+            torch._foreach_add_(work, numerators, alpha=-lr)
+        else:
+            # Per-tensor mean of v: v >= 0, so its L1 norm is its sum.
+            inv_rms = torch._foreach_norm(device_exp_avg_sqs, 1)
+            torch._foreach_div_(inv_rms, [float(v.numel()) for v in device_exp_avg_sqs])
+            torch._foreach_add_(inv_rms, _eps_squared(eps, state_dtype))
+            torch._foreach_rsqrt_(inv_rms)
+            torch._foreach_mul_(inv_rms, denom_scale)
+            denoms = torch._foreach_sqrt(device_exp_avg_sqs)
+            torch._foreach_mul_(denoms, inv_rms)
+            torch._foreach_add_(denoms, denom_offset)
+            torch._foreach_addcdiv_(work, numerators, denoms, -lr * (1 + eta))
+        if work is not device_params:
+            torch._foreach_copy_(device_params, work)
