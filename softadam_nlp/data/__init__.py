@@ -1,0 +1,1 @@
+"""Corpus loaders for the experiments: each verifies its files before use."""

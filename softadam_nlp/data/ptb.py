@@ -1,0 +1,108 @@
+"""Penn Treebank (Mikolov's ptb.{train,valid,test}.txt) as token-id tensors.
+
+The files are read where the user keeps them and checked against their canonical
+md5 sums, so a truncated or different copy fails loudly instead of giving numbers
+that cannot be compared with the paper's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SPLITS = ("train", "valid", "test")
+PTB_MD5 = {
+    "train": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
+    "valid": "aa0affc06ff7c36e977d7cd49e3839bf",
+    "test": "8b80168b89c18661a38ef683c0dc3721",
+}
+EOS = "<eos>"
+DATA_DIR_ENV = "SOFTADAM_DATA_DIR"
+# Where the build machines keep shared corpora, relative to the repository root.
+_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_ptb_dir(data_dir: Optional[os.PathLike] = None) -> Path:
+    """The folder holding ptb.train.txt: ``data_dir`` (or its ptb/ subfolder), else
+    $SOFTADAM_DATA_DIR, else ../shared/data beside the repository. Raises
+    FileNotFoundError saying where it looked and how to supply the files."""
+    candidates: list[Path] = []
+    for root in (data_dir, os.environ.get(DATA_DIR_ENV), None if data_dir else _SHARED_DATA):
+        if root:
+            candidates += [Path(root), Path(root) / "ptb"]
+    for candidate in candidates:
+        if (candidate / "ptb.train.txt").is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in candidates) or "(nowhere: no directory given)"
+    raise FileNotFoundError(
+        "Penn Treebank not found. Looked for ptb.train.txt in: " + looked + ". Pass --data-dir "
+        f"or set {DATA_DIR_ENV} to a folder with Mikolov's ptb.train.txt, ptb.valid.txt and "
+        "ptb.test.txt (from the 'simple-examples' archive of his RNNLM toolkit)."
+    )
+
+
+@dataclass
+class PTBCorpus:
+    """Token ids per split; every line ends with <eos>, as in Mikolov's setup."""
+
+    directory: Path
+    vocab: list[str]
+    splits: dict[str, torch.Tensor]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+
+def load_ptb(data_dir: Optional[os.PathLike] = None, verify: bool = True) -> PTBCorpus:
+    """Load PTB, checking md5 sums (``verify=False`` skips them for other copies)."""
+    directory = find_ptb_dir(data_dir)
+    texts = {}
+    for split in SPLITS:
+        path = directory / f"ptb.{split}.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (PTB needs train, valid and test)")
+        if verify and md5sum(path) != PTB_MD5[split]:
+            raise ValueError(
+                f"{path} has md5 {md5sum(path)}, expected {PTB_MD5[split]} (Mikolov's PTB). "
+                "The file is truncated or a different version; re-fetch it, or pass verify=False "
+                "knowingly."
+            )
+        texts[split] = path.read_text()
+    # The vocabulary is the training set's words in order of first appearance (the
+    # order the AWD-LSTM code uses), plus <eos>.
+    index: dict[str, int] = {}
+    for line in texts["train"].splitlines():
+        for word in line.split() + [EOS]:
+            index.setdefault(word, len(index))
+    splits = {}
+    for split, text in texts.items():
+        ids = []
+        for line in text.splitlines():
+            for word in line.split() + [EOS]:
+                if word not in index:
+                    raise ValueError(f"ptb.{split}.txt has out-of-vocabulary word {word!r}")
+                ids.append(index[word])
+        splits[split] = torch.tensor(ids, dtype=torch.long)
+    return PTBCorpus(directory=directory, vocab=list(index), splits=splits)
+
+
+def batchify(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Cut a token stream into ``batch_size`` contiguous streams: shape (length, batch)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    length = tokens.numel() // batch_size
+    return tokens[: length * batch_size].view(batch_size, length).t().contiguous()

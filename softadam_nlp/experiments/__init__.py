@@ -1,0 +1,1 @@
+"""Experiment building blocks; the command-line entry points are in scripts/ and hf_examples/."""
