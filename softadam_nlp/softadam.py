@@ -320,8 +320,6 @@ def softadam(
     """
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    if foreach and torch.jit.is_scripting():
-        raise RuntimeError("torch.jit.script is not supported with foreach SoftAdam")
     func = _multi_tensor_softadam if foreach else _single_tensor_softadam
     func(
         params,

@@ -123,6 +123,33 @@ def test_foreach_and_per_tensor_agree(nesterov: bool) -> None:
         torch.testing.assert_close(s["exp_avg_sq"], t["exp_avg_sq"], rtol=0, atol=1e-12)
 
 
+def test_paths_agree_on_mixed_dtypes_and_uneven_step_counts() -> None:
+    # One group holding fp32 and bf16 tensors (the foreach path splits it by dtype),
+    # where one tensor gets no gradient for its first steps, so step counts differ
+    # within the group and the foreach path needs per-tensor coefficients.
+    g = torch.Generator().manual_seed(3)
+    init = [torch.randn(5, 4, generator=g), torch.randn(7, generator=g).bfloat16(), torch.randn(3, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g).to(p.dtype) for p in init] for _ in range(12)]
+    runs = []
+    for foreach in (False, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = SoftAdam(ps, lr=0.05, eta=2.0, weight_decay=0.01, foreach=foreach)
+        for step, step_grads in enumerate(grads):
+            for i, (p, grad) in enumerate(zip(ps, step_grads)):
+                p.grad = None if (i == 2 and step < 4) else grad.clone()
+            opt.step()
+        assert opt.state[ps[0]]["step"].item() == 12 and opt.state[ps[2]]["step"].item() == 8
+        runs.append(ps)
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6 if p.dtype == torch.float32 else 1e-2)
+    # The late tensor followed the paper with its own step count (t = 1 at its first step).
+    ref = ReferenceSoftAdam(lr=0.05, eta=2.0, weight_decay=0.01)
+    expected = init[2]
+    for step_grads in grads[4:]:
+        expected = ref.step(2, expected, step_grads[2])
+    torch.testing.assert_close(runs[1][2].detach(), expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("foreach", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_state_dict_resume_is_bit_exact(foreach: bool, dtype: torch.dtype) -> None:
