@@ -244,9 +244,9 @@ class SoftAdam(Optimizer):
 def _check_hyperparameters(
     *, lr: float, betas: Any, eps: float, eta: float, weight_decay: float
 ) -> None:
-    """Raise ValueError naming the first hyperparameter that SoftAdam cannot use."""
+    """Raise ValueError("Invalid NAME=VALUE: ...") for the first unusable hyperparameter."""
     if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
+        raise ValueError(f"Invalid lr={lr}: the learning rate must be >= 0")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid eps={eps}: must be >= 0")
     if not 0.0 <= eta:
@@ -260,7 +260,7 @@ def _check_hyperparameters(
         raise ValueError(f"Invalid betas={betas!r}: must be a pair (beta1, beta2)")
     for index, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {index}: betas[{index}]={beta} is not in [0, 1)")
+            raise ValueError(f"Invalid betas[{index}]={beta}: must be in [0, 1)")
 
 
 Scalar = Union[float, Tensor]

@@ -1,0 +1,121 @@
+"""``--optimizer softadam`` for fairseq: a thin adapter over softadam_nlp.SoftAdam.
+
+Modelled on fairseq/optim/adam.py: a dataclass config whose fields become the
+``--softadam-*`` command-line options (and the keys of ``optimizer:`` in
+fairseq-hydra-train yaml), and a FairseqOptimizer that maps them to the torch
+optimizer. The update math lives only in softadam_nlp.
+"""
+
+import ast
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any, List
+
+import torch.distributed as dist
+from fairseq.dataclass import FairseqDataclass
+from fairseq.optim import FairseqOptimizer, register_optimizer
+from omegaconf import II, OmegaConf
+
+from softadam_nlp import SoftAdam
+
+# SoftAdam's argument name -> the fairseq option that sets it, for error messages.
+_OPTION_FOR_ARGUMENT = {
+    "lr": "--lr",
+    "betas": "--softadam-betas",
+    "eps": "--softadam-eps",
+    "eta": "--softadam-eta",
+    "weight_decay": "--weight-decay",
+}
+
+
+@dataclass
+class FairseqSoftAdamConfig(FairseqDataclass):
+    softadam_betas: Any = field(
+        default=(0.9, 0.999),
+        metadata={"help": "betas (beta1, beta2): momentum and second-moment decay, each in [0, 1)"},
+    )
+    softadam_eps: float = field(
+        default=1e-8, metadata={"help": "epsilon; its square is added to the per-tensor mean of v"}
+    )
+    softadam_eta: float = field(
+        default=1.0,
+        metadata={"help": "eta >= 0: 0 is SGD with dampened momentum, larger values move towards Adam"},
+    )
+    softadam_nesterov: bool = field(default=False, metadata={"help": "use the Nesterov numerator"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (as in AdamW)"})
+    lr: List[float] = II("optimization.lr")
+
+
+def _parse_betas(value: Any) -> tuple[float, float]:
+    """'(0.9, 0.999)' from the command line, or a list/tuple from yaml or Python."""
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--softadam-betas must look like '(0.9, 0.999)', got {value!r}") from None
+    elif not isinstance(value, (tuple, list)):
+        value = OmegaConf.to_container(value)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"--softadam-betas must be a pair (beta1, beta2), got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+@register_optimizer("softadam", dataclass=FairseqSoftAdamConfig)
+class FairseqSoftAdam(FairseqOptimizer):
+    """SoftAdam for fairseq. See softadam_nlp.SoftAdam for the algorithm.
+
+    Wrapper contract, as for fairseq's adam:
+    - ``--memory-efficient-fp16/bf16``: supported; SoftAdam keeps float32 state for
+      16-bit parameters and writes the result back itself.
+    - ``--fp16`` with flattened parameters: refused (``supports_flat_params`` is
+      False, so fairseq asks for ``--fp16-no-flatten-grads``). One flat buffer would
+      turn the per-tensor mean of v into a mean over the whole model.
+    """
+
+    def __init__(self, cfg: FairseqSoftAdamConfig, params) -> None:
+        super().__init__(cfg)
+        try:
+            self._optimizer = SoftAdam(params, **self.optimizer_config)
+        except ValueError as error:
+            # SoftAdam says "Invalid NAME=...": name the fairseq option instead.
+            argument = re.match(r"Invalid (\w+)", str(error))
+            option = _OPTION_FOR_ARGUMENT.get(argument.group(1)) if argument else None
+            if option is None:
+                raise
+            raise ValueError(f"{option}: {error}") from None
+        # fairseq's memory-efficient wrapper, after load_state_dict, would put the
+        # checkpoint's tensors (loaded on the CPU) back into the state unmoved; SoftAdam's
+        # own load_state_dict already restores float32 moments on the parameters' device.
+        self._optimizer.disable_mem_eff_fp16_loading_hack = True
+
+    @property
+    def optimizer_config(self) -> dict[str, Any]:
+        """The kwargs that override those stored in a checkpoint when resuming (fairseq contract)."""
+        return {
+            "lr": self.cfg.lr[0] if isinstance(self.cfg.lr, Collection) else self.cfg.lr,
+            "betas": _parse_betas(self.cfg.softadam_betas),
+            "eps": self.cfg.softadam_eps,
+            "eta": self.cfg.softadam_eta,
+            "weight_decay": self.cfg.weight_decay,
+            "nesterov": self.cfg.softadam_nesterov,
+        }
+
+    @property
+    def supports_memory_efficient_fp16(self) -> bool:
+        return True
+
+    @property
+    def supports_flat_params(self) -> bool:
+        return False
+
+    def average_params(self) -> None:
+        """Average the moments across workers (used by BMUF distributed training)."""
+        world_size = float(dist.get_world_size())
+        for state in self.optimizer.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] /= world_size
+                dist.all_reduce(state[key], op=dist.ReduceOp.SUM)
+
+
+__all__ = ["FairseqSoftAdam", "FairseqSoftAdamConfig"]

@@ -1,0 +1,253 @@
+"""The fairseq adapter in-process: registry, config mapping, fairseq's wrappers, schedulers."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # fairseq imports --user-dir packages from the repository root
+
+import fairseq_plugins  # noqa: E402,F401  (registers "softadam")
+from fairseq import options, optim  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+from fairseq.optim.lr_scheduler import LR_SCHEDULER_DATACLASS_REGISTRY, LR_SCHEDULER_REGISTRY  # noqa: E402
+from fairseq_plugins.softadam_optimizer import FairseqSoftAdam, FairseqSoftAdamConfig  # noqa: E402
+
+from softadam_nlp import SoftAdam  # noqa: E402
+
+
+def training_cfg(*args: str):
+    """The full fairseq config that ``fairseq-train`` would build from these arguments."""
+    parser = options.get_training_parser()
+    ns = options.parse_args_and_arch(parser, input_args=[
+        "unused-data-dir", "--user-dir", str(REPO / "fairseq_plugins"), "--arch", "transformer",
+        "--task", "translation", "--optimizer", "softadam", "--cpu", *args])
+    return convert_namespace_to_omegaconf(ns)
+
+
+def model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+
+
+def batches(n: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 6, generator=g).to(dtype) for _ in range(n)]
+
+
+def test_registered_and_built_from_yaml_style_config() -> None:
+    assert optim.OPTIMIZER_REGISTRY["softadam"] is FairseqSoftAdam
+    cfg = OmegaConf.create({"_name": "softadam", "lr": [0.3], "softadam_betas": [0.8, 0.99],
+                            "softadam_eps": 1e-6, "softadam_eta": 2.0, "softadam_nesterov": True,
+                            "weight_decay": 0.01})
+    fs_opt = optim.build_optimizer(cfg, list(model().parameters()))
+    assert isinstance(fs_opt, FairseqSoftAdam) and isinstance(fs_opt.optimizer, SoftAdam)
+    group = fs_opt.optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["eta"], group["nesterov"], group["weight_decay"]) == \
+        (0.3, (0.8, 0.99), 1e-6, 2.0, True, 0.01)
+
+
+def test_command_line_options_map_to_softadam() -> None:
+    cfg = training_cfg("--lr", "0.2", "--softadam-betas", "(0.85, 0.98)", "--softadam-eta", "3",
+                       "--softadam-eps", "1e-7", "--softadam-nesterov", "--weight-decay", "0.001")
+    fs_opt = optim.build_optimizer(cfg.optimizer, list(model().parameters()))
+    assert fs_opt.optimizer_config == {"lr": 0.2, "betas": (0.85, 0.98), "eps": 1e-7, "eta": 3.0,
+                                       "weight_decay": 0.001, "nesterov": True}
+    defaults = optim.build_optimizer(training_cfg("--lr", "0.1").optimizer, list(model().parameters()))
+    assert defaults.optimizer_config == {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "eta": 1.0,
+                                         "weight_decay": 0.0, "nesterov": False}
+
+
+@pytest.mark.parametrize("betas", ["0.9", "(0.9, 0.99, 0.9)", "[0.9, oops]"])
+def test_malformed_betas_name_the_option(betas: str) -> None:
+    cfg = FairseqSoftAdamConfig(lr=[0.1], softadam_betas=betas)
+    with pytest.raises(ValueError, match="--softadam-betas"):
+        FairseqSoftAdam(cfg, list(model().parameters()))
+
+
+def test_set_get_lr_and_checkpoint_overrides() -> None:
+    net = model()
+    fs_opt = FairseqSoftAdam(FairseqSoftAdamConfig(lr=[0.1]), list(net.parameters()))
+    fs_opt.set_lr(0.05)
+    assert fs_opt.get_lr() == 0.05
+    net(batches(1, torch.float32)[0]).sum().backward()
+    fs_opt.step()
+    saved = fs_opt.state_dict()
+    # Resuming with other options: fairseq overrides the saved hyperparameters
+    # (optimizer_config) and keeps the saved moments.
+    other = FairseqSoftAdam(FairseqSoftAdamConfig(lr=[0.5], softadam_eta=2.0), list(net.parameters()))
+    other.load_state_dict(saved, optimizer_overrides=other.optimizer_config)
+    assert other.get_lr() == 0.5 and other.param_groups[0]["eta"] == 2.0
+    for p in net.parameters():
+        assert torch.equal(other.optimizer.state[p]["exp_avg"], fs_opt.optimizer.state[p]["exp_avg"])
+
+
+def _fp16_step_and_reference(cfg, wrapper_cls, dtype: torch.dtype, steps: int = 5):
+    """Train with a fairseq wrapper; replay the same (unscaled) gradients on an unwrapped SoftAdam."""
+    net = model(dtype)
+    params = list(net.parameters())
+    wrapped = wrapper_cls.build_optimizer(cfg, params)
+    reference_params = None
+    reference = None
+    for x in batches(steps, dtype):
+        wrapped.zero_grad()
+        wrapped.backward(net(x).float().pow(2).mean())
+        scale = wrapped.scaler.loss_scale if wrapped.scaler is not None else 1.0
+        if reference is None:
+            # The reference works on what the wrapper updates: float32 master copies
+            # (FP16Optimizer) or the 16-bit parameters themselves (memory-efficient).
+            masters = wrapped.fp32_params if hasattr(wrapped, "fp32_params") else params
+            reference_params = [torch.nn.Parameter(p.detach().clone()) for p in masters]
+            reference = SoftAdam(reference_params, **wrapped.optimizer_config)
+        for r, p in zip(reference_params, params):
+            r.grad = p.grad.to(r.dtype).mul_(1.0 / scale)
+        wrapped.step()
+        reference.step()
+    return wrapped, params, reference_params
+
+
+def test_fp16_optimizer_without_flattening_equals_unwrapped_softadam() -> None:
+    cfg = training_cfg("--lr", "0.1", "--fp16", "--fp16-no-flatten-grads", "--softadam-eta", "2")
+    wrapped, params, reference = _fp16_step_and_reference(cfg, optim.FP16Optimizer, torch.float16)
+    for master, ref, p in zip(wrapped.fp32_params, reference, params):
+        assert torch.equal(master, ref)  # per-tensor vbar: the same update as without the wrapper
+        assert torch.equal(p, ref.detach().half())
+
+
+def test_bf16_fp16_optimizer_equals_unwrapped_softadam() -> None:
+    # --bf16 never flattens (fairseq turns flattening off for bf16).
+    cfg = training_cfg("--lr", "0.1", "--bf16")
+    wrapped, params, reference = _fp16_step_and_reference(cfg, optim.FP16Optimizer, torch.bfloat16)
+    for master, ref in zip(wrapped.fp32_params, reference):
+        assert torch.equal(master, ref)
+
+
+def test_memory_efficient_fp16_equals_unwrapped_softadam_with_fp32_state() -> None:
+    cfg = training_cfg("--lr", "0.1", "--memory-efficient-fp16")
+    wrapped, params, reference = _fp16_step_and_reference(cfg, optim.MemoryEfficientFP16Optimizer, torch.float16)
+    for p, ref in zip(params, reference):
+        assert p.dtype == torch.float16 and torch.equal(p, ref)
+        assert wrapped.optimizer.state[p]["exp_avg_sq"].dtype == torch.float32
+    # Save and load through the wrapper: the float32 moments survive (fairseq's own
+    # cast-back hack is disabled because SoftAdam restores them itself).
+    state = wrapped.state_dict()
+    again = optim.MemoryEfficientFP16Optimizer.build_optimizer(cfg, params)
+    again.load_state_dict(state)
+    for p in params:
+        assert again.optimizer.state[p]["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(again.optimizer.state[p]["exp_avg_sq"], wrapped.optimizer.state[p]["exp_avg_sq"])
+
+
+def test_flattened_fp16_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One flat buffer would make vbar a mean over the whole model. fairseq builds the
+    # flat buffer on torch.cuda.current_device(); stand in device 0 so the check runs
+    # on a CPU-only machine (the buffer is made with params[0].new, so it stays on CPU).
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cfg = training_cfg("--lr", "0.1", "--fp16")
+    with pytest.raises(RuntimeError, match="does not support flat params.*--fp16-no-flatten-grads"):
+        optim.FP16Optimizer.build_optimizer(cfg, list(model(torch.float16).parameters()))
+
+
+def _average_params_worker(rank: int, world_size: int, init_file: str, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    w = torch.nn.Parameter(torch.ones(4))
+    fs_opt = FairseqSoftAdam(FairseqSoftAdamConfig(lr=[0.1]), [w])
+    w.grad = torch.full((4,), float(rank + 1))  # different gradients per worker
+    fs_opt.step()
+    fs_opt.average_params()
+    state = fs_opt.optimizer.state[w]
+    queue.put((rank, state["exp_avg"].tolist(), state["exp_avg_sq"].tolist()))
+    dist.destroy_process_group()
+
+
+def test_average_params_averages_moments_across_workers(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init_file = str(tmp_path / "dist_init")
+    procs = [ctx.Process(target=_average_params_worker, args=(r, 2, init_file, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    # Step 1: m = (1 - 0.9) g, v = g^2 (b2t = 0); g = 1 and 2 on the two workers.
+    for _, exp_avg, exp_avg_sq in results:
+        assert exp_avg == pytest.approx([0.1 * 1.5] * 4)
+        assert exp_avg_sq == pytest.approx([2.5] * 4)
+
+
+# Which of fairseq's schedulers accept --warmup-updates 0 (README "fairseq" table).
+WARMUP_ZERO_OK = ["cosine", "fixed", "polynomial_decay", "reduce_lr_on_plateau", "step"]
+WARMUP_ZERO_FAILS = {"inverse_sqrt": ZeroDivisionError}
+
+
+def _scheduler(name: str):
+    dataclass = LR_SCHEDULER_DATACLASS_REGISTRY[name]
+    overrides = {"warmup_updates": 0, "lr": [0.1]}
+    for key, value in (("max_update", 100), ("total_num_update", 100), ("max_lr", 0.2),
+                       ("maximize_best_checkpoint_metric", False)):
+        if key in dataclass.__dataclass_fields__:
+            overrides[key] = value
+    cfg = OmegaConf.structured(dataclass(**overrides))
+    fs_opt = FairseqSoftAdam(FairseqSoftAdamConfig(lr=[0.1]), list(model().parameters()))
+    return LR_SCHEDULER_REGISTRY[name](cfg, fs_opt), fs_opt
+
+
+@pytest.mark.parametrize("name", WARMUP_ZERO_OK)
+def test_schedulers_that_accept_zero_warmup_start_at_the_peak(name: str) -> None:
+    scheduler, fs_opt = _scheduler(name)
+    scheduler.step_begin_epoch(1)
+    # The trainer calls step_update(0) before the first update: that lr is used by update 1.
+    assert scheduler.step_update(0) == pytest.approx(0.1)
+    assert fs_opt.get_lr() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name, error", sorted(WARMUP_ZERO_FAILS.items()))
+def test_schedulers_that_reject_zero_warmup(name: str, error: type) -> None:
+    with pytest.raises(error):
+        _scheduler(name)
+
+
+def test_polynomial_decay_with_zero_warmup_is_linear_to_zero() -> None:
+    scheduler, _ = _scheduler("polynomial_decay")
+    lrs = [scheduler.step_update(k) for k in range(0, 101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[100] == 0.0
+    assert all(lr == pytest.approx(0.1 * (1 - k / 100)) for k, lr in enumerate(lrs))
+
+
+def test_dataclass_defaults_match_softadam() -> None:
+    cfg = FairseqSoftAdamConfig()
+    sig = inspect.signature(SoftAdam.__init__).parameters
+    assert tuple(cfg.softadam_betas) == sig["betas"].default
+    assert (cfg.softadam_eps, cfg.softadam_eta, cfg.softadam_nesterov, cfg.weight_decay) == \
+        (sig["eps"].default, sig["eta"].default, sig["nesterov"].default, sig["weight_decay"].default)
+
+
+def _readme_commands(tool: str) -> list[list[str]]:
+    import re
+    import shlex
+
+    section = (REPO / "README.md").read_text().split("## fairseq", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [shlex.split(line) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [c[1:] for c in commands if c and c[0] == tool]
+
+
+def test_readme_fairseq_train_commands_parse() -> None:
+    commands = _readme_commands("fairseq-train")
+    assert len(commands) == 2
+    for args in commands:
+        args = [str(REPO / "fairseq_plugins") if a == "fairseq_plugins" else a for a in args]
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), input_args=args))
+        assert cfg.optimizer._name == "softadam" and cfg.lr_scheduler._name == "polynomial_decay"
+        assert cfg.lr_scheduler.total_num_update == cfg.optimization.max_update
+        assert cfg.lr_scheduler.warmup_updates == 0
