@@ -1,0 +1,189 @@
+"""SoftAdam for the Hugging Face Trainer.
+
+    trainer = Trainer(model=model, args=training_args,
+                      optimizers=create_optimizer_and_scheduler(model, training_args))
+
+or, letting Trainer build the parameter groups and the schedule itself,
+
+    trainer = Trainer(model=model, args=training_args,
+                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args, eta=1.0))
+
+Schedules come from transformers' own ``get_scheduler`` (every ``SchedulerType``
+name: linear, cosine, constant, polynomial, inverse_sqrt, ...), plus ``"step"``, the
+paper's schedule (x0.1 at 50% and 75% of training). Warmup is read from
+``args.warmup_steps`` (steps if >= 1, a ratio of training if < 1); its default, 0,
+is how the paper trains SoftAdam.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from transformers import Trainer, TrainingArguments
+from transformers.optimization import get_scheduler
+from transformers.trainer_utils import SchedulerType
+
+from softadam_nlp.softadam import SoftAdam
+
+__all__ = [
+    "create_optimizer",
+    "create_optimizer_and_scheduler",
+    "create_scheduler",
+    "get_step_schedule_with_warmup",
+    "optimizer_cls_and_kwargs",
+    "SCHEDULE_NAMES",
+]
+
+STEP_SCHEDULE = "step"
+SCHEDULE_NAMES = tuple(t.value for t in SchedulerType) + (STEP_SCHEDULE,)
+# Schedules that can be built without knowing the number of training steps.
+_NO_LENGTH_NEEDED = {
+    SchedulerType.CONSTANT.value,
+    SchedulerType.CONSTANT_WITH_WARMUP.value,
+    SchedulerType.INVERSE_SQRT.value,
+    SchedulerType.REDUCE_ON_PLATEAU.value,
+}
+
+
+def softadam_kwargs_from_args(args: TrainingArguments, **overrides: Any) -> dict[str, Any]:
+    """SoftAdam's keyword arguments (without parameter groups or weight decay).
+
+    ``betas`` and ``eps`` follow ``args.adam_beta1/adam_beta2/adam_epsilon`` (whose
+    defaults equal SoftAdam's); ``overrides`` (eta, betas, eps, nesterov, ...) win.
+    """
+    kwargs: dict[str, Any] = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+    }
+    kwargs.update(overrides)
+    unknown = set(kwargs) - {"lr", "betas", "eps", "eta", "nesterov", "maximize", "foreach"}
+    if unknown:
+        raise TypeError(
+            f"unexpected SoftAdam argument(s) {sorted(unknown)}; weight decay comes from "
+            "args.weight_decay and the learning rate from args.learning_rate"
+        )
+    return kwargs
+
+
+def optimizer_cls_and_kwargs(args: TrainingArguments, **softadam_kwargs: Any) -> tuple[type, dict[str, Any]]:
+    """For ``Trainer(optimizer_cls_and_kwargs=...)``: Trainer makes the decay/no-decay
+    groups with ``args.weight_decay`` and builds the schedule from ``args``."""
+    return SoftAdam, softadam_kwargs_from_args(args, **softadam_kwargs)
+
+
+def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups exactly as ``Trainer.create_optimizer`` makes them.
+
+    Trainer decides which parameters get weight decay with its own
+    ``get_decay_parameter_names`` (no biases, no normalization weights); it reads
+    nothing from the Trainer instance, so it is called unbound here to reuse that
+    rule rather than copy it.
+    """
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+
+
+def create_optimizer(model: torch.nn.Module, args: TrainingArguments, **softadam_kwargs: Any) -> SoftAdam:
+    """SoftAdam over ``model`` with Trainer's weight-decay grouping and ``args``' settings."""
+    return SoftAdam(decay_parameter_groups(model, args.weight_decay), **softadam_kwargs_from_args(args, **softadam_kwargs))
+
+
+def _step_lambda(step: int, *, num_warmup_steps: int, milestones: Sequence[int], gamma: float) -> float:
+    if step < num_warmup_steps:
+        return float(step) / float(max(1, num_warmup_steps))
+    return gamma ** sum(step >= m for m in milestones)
+
+
+def get_step_schedule_with_warmup(
+    optimizer: torch.optim.Optimizer,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    milestones: Sequence[float] = (0.5, 0.75),
+    gamma: float = 0.1,
+    last_epoch: int = -1,
+) -> LambdaLR:
+    """The paper's step schedule: the learning rate times ``gamma`` at each milestone
+    (fractions of ``num_training_steps``), after an optional linear warmup.
+
+    transformers has no step schedule; this follows the shape of its
+    ``get_*_schedule_with_warmup`` functions (a LambdaLR over a picklable partial).
+    """
+    if not all(0 < m < 1 for m in milestones):
+        raise ValueError(f"milestones must be fractions of training in (0, 1), got {list(milestones)}")
+    steps = sorted(int(round(m * num_training_steps)) for m in milestones)
+    lr_lambda = partial(_step_lambda, num_warmup_steps=num_warmup_steps, milestones=steps, gamma=gamma)
+    return LambdaLR(optimizer, lr_lambda, last_epoch)
+
+
+def _resolve_training_steps(args: TrainingArguments, num_training_steps: Optional[int]) -> Optional[int]:
+    if num_training_steps is not None:
+        if num_training_steps < 1:
+            raise ValueError(f"num_training_steps must be >= 1, got {num_training_steps}")
+        return num_training_steps
+    if args.max_steps is not None and args.max_steps > 0:
+        return args.max_steps
+    return None
+
+
+def create_scheduler(
+    optimizer: torch.optim.Optimizer,
+    args: TrainingArguments,
+    num_training_steps: Optional[int] = None,
+    lr_scheduler_type: Optional[str] = None,
+) -> LRScheduler:
+    """The learning-rate schedule ``args`` asks for (or ``lr_scheduler_type``).
+
+    The number of optimizer steps comes from ``num_training_steps``, else
+    ``args.max_steps``. When training length is set by epochs, it is only known from
+    the data loader: pass ``num_training_steps = ceil(len(train_dataloader) /
+    gradient_accumulation_steps) * num_train_epochs``, or set ``max_steps``.
+    """
+    name = lr_scheduler_type or getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if name not in SCHEDULE_NAMES:
+        raise ValueError(f"unknown lr_scheduler_type {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    total = _resolve_training_steps(args, num_training_steps)
+    if total is None and name not in _NO_LENGTH_NEEDED:
+        raise ValueError(
+            f"the {name!r} schedule needs the number of training steps, which args do not fix "
+            "(max_steps is not set). Pass num_training_steps=ceil(len(train_dataloader) / "
+            "gradient_accumulation_steps) * num_train_epochs, or set max_steps in "
+            "TrainingArguments, or give Trainer optimizers=(create_optimizer(model, args), None) "
+            "so that Trainer builds a transformers schedule itself once it knows the length."
+        )
+    warmup = args.get_warmup_steps(total or 0)
+    if name == STEP_SCHEDULE:
+        return get_step_schedule_with_warmup(optimizer, warmup, total, **(args.lr_scheduler_kwargs or {}))
+    return get_scheduler(
+        name,
+        optimizer=optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+
+
+def create_optimizer_and_scheduler(
+    model: torch.nn.Module,
+    args: TrainingArguments,
+    num_training_steps: Optional[int] = None,
+    lr_scheduler_type: Optional[str] = None,
+    **softadam_kwargs: Any,
+) -> tuple[SoftAdam, LRScheduler]:
+    """``(SoftAdam, schedule)`` for ``Trainer(optimizers=...)``.
+
+    Reads learning_rate, weight_decay (not applied to biases and normalization weights,
+    as Trainer does), adam_beta1/2 and adam_epsilon, lr_scheduler_type (or the
+    ``lr_scheduler_type`` argument, which also accepts ``"step"``), warmup_steps
+    (default 0: no warmup) and max_steps. ``softadam_kwargs`` (eta, betas, eps,
+    nesterov) override.
+    """
+    optimizer = create_optimizer(model, args, **softadam_kwargs)
+    return optimizer, create_scheduler(optimizer, args, num_training_steps, lr_scheduler_type)
