@@ -17,6 +17,8 @@ is how the paper trains SoftAdam.
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 from functools import partial
 from typing import Any, Optional, Sequence
 
@@ -29,12 +31,18 @@ from transformers.trainer_utils import SchedulerType
 from softadam_nlp.softadam import SoftAdam
 
 __all__ = [
+    "OPTIMIZER_NAMES",
+    "build_optimizers",
     "create_optimizer",
     "create_optimizer_and_scheduler",
     "create_scheduler",
     "get_step_schedule_with_warmup",
     "optimizer_cls_and_kwargs",
     "SCHEDULE_NAMES",
+    "add_optimizer_arguments",
+    "available_reporters",
+    "optimizers_from_cli",
+    "trainer_schedule_name",
 ]
 
 STEP_SCHEDULE = "step"
@@ -187,3 +195,68 @@ def create_optimizer_and_scheduler(
     """
     optimizer = create_optimizer(model, args, **softadam_kwargs)
     return optimizer, create_scheduler(optimizer, args, num_training_steps, lr_scheduler_type)
+
+
+OPTIMIZER_NAMES = ("softadam", "adamw", "sgd")
+
+
+def build_optimizers(
+    name: str,
+    model: torch.nn.Module,
+    args: TrainingArguments,
+    num_training_steps: Optional[int] = None,
+    lr_scheduler_type: Optional[str] = None,
+    momentum: float = 0.9,
+    **softadam_kwargs: Any,
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """``(optimizer, schedule)`` by name, so that baselines run through the same code.
+
+    ``softadam`` is :func:`create_optimizer_and_scheduler`; ``adamw`` is torch's AdamW
+    with ``args``' betas and eps; ``sgd`` is torch's SGD with ``momentum``. All use
+    Trainer's weight-decay groups and the same schedule choice.
+    """
+    if name == "softadam":
+        return create_optimizer_and_scheduler(model, args, num_training_steps, lr_scheduler_type, **softadam_kwargs)
+    if softadam_kwargs:
+        raise TypeError(f"{sorted(softadam_kwargs)} only apply to softadam, not {name}")
+    groups = decay_parameter_groups(model, args.weight_decay)
+    if name == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+        )
+    elif name == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.learning_rate, momentum=momentum)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+    return optimizer, create_scheduler(optimizer, args, num_training_steps, lr_scheduler_type)
+
+
+def available_reporters() -> str:
+    """``report_to`` for TrainingArguments: TensorBoard when it is installed, else nothing."""
+    has_tensorboard = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+    return "tensorboard" if has_tensorboard else "none"
+
+
+def add_optimizer_arguments(parser: argparse.ArgumentParser, *, lr: float, weight_decay: float) -> None:
+    """The optimizer options the example scripts share (read by :func:`optimizers_from_cli`)."""
+    group = parser.add_argument_group("optimizer")
+    group.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="softadam")
+    group.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
+    group.add_argument("--eta", type=float, default=1.0, help="SoftAdam's eta (default: 1.0)")
+    group.add_argument("--weight-decay", type=float, default=weight_decay)
+    group.add_argument("--lr-scheduler", choices=SCHEDULE_NAMES, default="linear")
+    group.add_argument("--warmup-steps", type=float, default=0, help=">= 1: steps; < 1: fraction of training")
+
+
+def trainer_schedule_name(cli_args: argparse.Namespace) -> str:
+    """A name TrainingArguments accepts: it does not know "step", which the schedule
+    built by :func:`optimizers_from_cli` handles itself."""
+    return "linear" if cli_args.lr_scheduler == STEP_SCHEDULE else cli_args.lr_scheduler
+
+
+def optimizers_from_cli(
+    cli_args: argparse.Namespace, model: torch.nn.Module, training_args: TrainingArguments
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """``Trainer(optimizers=...)`` from the options of :func:`add_optimizer_arguments`."""
+    extra = {"eta": cli_args.eta} if cli_args.optimizer == "softadam" else {}
+    return build_optimizers(cli_args.optimizer, model, training_args, lr_scheduler_type=cli_args.lr_scheduler, **extra)
