@@ -28,11 +28,8 @@ _SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def find_ptb_dir(data_dir: Optional[os.PathLike] = None) -> Path:
