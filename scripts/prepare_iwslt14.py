@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from softadam_nlp.data import translation as tr
+from softadam_nlp.experiments.fairseq_runs import fairseq_tool
 
 IWSLT14_URL = "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
 # The archive's SHA-256 could not be recorded: the build machines have no access to the
@@ -151,12 +152,6 @@ def multi30k_splits(folder: Path) -> dict[str, dict[str, list[str]]]:
                 raise PreparationError(f"{folder} lacks {name}.{lang}(.gz): not the Multi30k de-en layout")
             splits[split][lang] = tr.lowercase(tr.moses_tokenize(read(path), lang))
     return splits
-
-
-def fairseq_tool(name: str) -> str:
-    """A fairseq console script: beside this Python (a venv not on PATH), else from PATH."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
 def write_atomic(path: Path, lines: list[str]) -> None:

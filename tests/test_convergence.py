@@ -76,7 +76,6 @@ VOCAB, SEQ_LEN, BATCH = 12, 24, 32
 
 def markov_chain(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """A random first-order chain: (transition matrix, stationary distribution, entropy rate in nats)."""
-    g = torch.Generator().manual_seed(seed)
     concentration = torch.full((VOCAB,), 0.3, dtype=torch.float64)
     gamma = torch.distributions.Gamma(concentration, torch.ones(VOCAB, dtype=torch.float64))
     torch.manual_seed(seed)

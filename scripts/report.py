@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Turn run records into a Table 2/3-shaped Markdown table and a validation-perplexity plot.
+
+    python scripts/report.py --experiment iwslt14 --records results/iwslt14/cpu \
+        --plot docs/figures/iwslt14_cpu_valid_ppl.png
+
+Rows are optimizers (mean ± std over the seeds found), with the paper's figures in
+adjacent columns; the plot is validation perplexity per epoch, mean over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from softadam_nlp.experiments.reporting import COLUMNS, load_records, markdown_table, plot_valid_curves
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", choices=sorted(COLUMNS), required=True)
+    p.add_argument("--records", type=Path, required=True, help="folder of run records (*.json, searched recursively)")
+    p.add_argument("--plot", type=Path, default=None, help="write the curves to this PNG")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    records = [r for r in load_records(args.records) if r.get("experiment", args.experiment) == args.experiment]
+    if not records:
+        print(f"error: no {args.experiment} records under {args.records}", file=sys.stderr)
+        return 2
+    print(markdown_table(records, args.experiment))
+    if args.plot:
+        plot_valid_curves(records, args.plot, args.title or f"{args.experiment}: validation perplexity")
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

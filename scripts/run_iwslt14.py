@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Train and evaluate one IWSLT'14 De-En transformer run with fairseq (Table 3).
+
+    python scripts/run_iwslt14.py --optimizer softadam --seed 1 --preset cpu \
+        --data-bin data/multi30k.tokenized.de-en/data-bin
+
+One run: fairseq-train (SoftAdam without warmup; AdamW and SGD with warmup; linear
+decay to 0), the last --average-last epoch checkpoints averaged, fairseq-validate for
+the validation perplexity (fairseq's ppl, 2^nll), fairseq-generate --beam 5 --remove-bpe
+on test for tokenized BLEU (as the paper's era reported it) and sacreBLEU on
+detokenized text with its signature. The record goes to RESULTS/<preset>/<optimizer>-seed<N>.json,
+written when everything has finished; an existing record is kept unless --force.
+Training resumes from its last checkpoint when rerun after a crash.
+
+Presets: `paper` is fairseq's transformer_iwslt_de_en recipe (label-smoothed CE 0.1,
+dropout 0.3, max-tokens 4096, shared decoder embeddings); `cpu` is a 3-layer 256-d model
+for the Multi30k stand-in on CPUs; `tiny` is for tests. Learning rates and budgets of
+`paper` and `cpu` are provisional until the runs recorded in docs/RESULTS.md tune them;
+--lr and --max-update override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from softadam_nlp.experiments.fairseq_runs import (
+    average_checkpoints, detokenized_bleu, epoch_checkpoints, epoch_curves, fairseq_tool,
+    finished_updates, parse_fairseq_log, parse_generate_output,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = REPO / "fairseq_plugins"
+
+MODELS = {
+    "paper": ["--arch", "transformer_iwslt_de_en", "--share-decoder-input-output-embed", "--dropout", "0.3"],
+    "cpu": ["--arch", "transformer", "--share-decoder-input-output-embed", "--dropout", "0.3",
+            "--encoder-layers", "3", "--decoder-layers", "3", "--encoder-embed-dim", "256",
+            "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
+            "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
+    "tiny": ["--arch", "transformer", "--share-decoder-input-output-embed", "--dropout", "0.1",
+             "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32",
+             "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+             "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"],
+}
+BUDGET = {  # max updates, max tokens per batch, warmup updates of AdamW/SGD
+    "paper": {"max_update": 50_000, "max_tokens": 4096, "warmup": 4000},
+    "cpu": {"max_update": 2_000, "max_tokens": 4096, "warmup": 200},
+    "tiny": {"max_update": 30, "max_tokens": 1000, "warmup": 5},
+}
+OPTIMIZERS = {  # per optimizer: fairseq options and the default learning rate per preset
+    "softadam": {"args": ["--optimizer", "softadam", "--softadam-eta", "1.0", "--weight-decay", "0.0001"],
+                 "lr": {"paper": 0.5, "cpu": 1.0, "tiny": 1.0}, "warmup": False},
+    "adamw": {"args": ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.0001"],
+              "lr": {"paper": 5e-4, "cpu": 1e-3, "tiny": 3e-3}, "warmup": True},
+    "sgd": {"args": ["--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "0.0001"],
+            "lr": {"paper": 0.3, "cpu": 0.3, "tiny": 0.3}, "warmup": True},
+}
+
+
+def train_command(args: argparse.Namespace, save_dir: Path, log_file: Path) -> list[str]:
+    budget = BUDGET[args.preset]
+    max_update = args.max_update or budget["max_update"]
+    spec = OPTIMIZERS[args.optimizer]
+    lr = args.lr if args.lr is not None else spec["lr"][args.preset]
+    warmup = budget["warmup"] if spec["warmup"] else 0
+    return [
+        fairseq_tool("fairseq-train"), str(args.data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
+        *MODELS[args.preset], *spec["args"], "--lr", str(lr),
+        "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(warmup),
+        "--total-num-update", str(max_update), "--max-update", str(max_update),
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--max-tokens", str(budget["max_tokens"]), "--seed", str(args.seed),
+        "--save-dir", str(save_dir), "--keep-last-epochs", str(args.average_last),
+        "--log-format", "json", "--log-interval", "50", "--log-file", str(log_file),
+        *(["--cpu"] if not torch.cuda.is_available() else []),
+    ]
+
+
+def run(command: list[str]) -> str:
+    print("+ " + " ".join(command), flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{Path(command[0]).name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result.stdout + result.stderr
+
+
+def validate(args: argparse.Namespace, checkpoint: Path) -> dict:
+    out = run([fairseq_tool("fairseq-validate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
+               "--path", str(checkpoint), "--valid-subset", "valid", "--max-tokens", "4096",
+               "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+               "--log-format", "json", *(["--cpu"] if not torch.cuda.is_available() else [])])
+    record = parse_fairseq_log(out.splitlines())["valid"][-1]
+    return {key: float(record[key]) for key in ("valid_loss", "valid_nll_loss", "valid_ppl")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), required=True)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--preset", choices=sorted(MODELS), default="cpu")
+    p.add_argument("--data-bin", type=Path, default=Path("data/iwslt14.tokenized.de-en/data-bin"))
+    p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
+    p.add_argument("--max-update", type=int, default=None, help="override the preset's budget")
+    p.add_argument("--average-last", type=int, default=5, help="epoch checkpoints to average")
+    p.add_argument("--results", type=Path, default=REPO / "results" / "iwslt14")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/iwslt14"), help="checkpoints and logs")
+    p.add_argument("--force", action="store_true", help="rerun even if the record exists")
+    args = p.parse_args(argv)
+    if not (args.data_bin / "dict.de.txt").is_file():
+        p.error(f"{args.data_bin} is not a fairseq data-bin (no dict.de.txt); run scripts/prepare_iwslt14.py first")
+    if args.average_last < 1:
+        p.error("--average-last must be >= 1")
+
+    name = f"{args.optimizer}-seed{args.seed}"
+    record_path = args.results / args.preset / f"{name}.json"
+    if record_path.exists() and not args.force:
+        print(f"{record_path} exists: skipping (--force reruns)")
+        return 0
+    work = args.work_dir / args.preset / name
+    if args.force and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    command = train_command(args, work / "checkpoints", work / "train.log")
+    max_update = int(command[command.index("--max-update") + 1])
+    if finished_updates(work / "checkpoints" / "checkpoint_last.pt") < max_update:
+        run(command)  # resumes from work/checkpoints/checkpoint_last.pt after a crash
+    else:
+        print(f"training already finished in {work}: evaluating", flush=True)
+    log = parse_fairseq_log((work / "train.log").read_text().splitlines())
+    checkpoints = epoch_checkpoints(work / "checkpoints")[-args.average_last:]
+    averaged = average_checkpoints(checkpoints, work / "checkpoint_averaged.pt")
+    valid = validate(args, averaged)
+    generated = parse_generate_output(run([
+        fairseq_tool("fairseq-generate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--path", str(averaged),
+        "--beam", "5", "--remove-bpe", "--batch-size", "128", "--required-batch-size-multiple", "1",
+        *(["--cpu"] if not torch.cuda.is_available() else [])]))
+    ids = sorted(generated["refs"])
+    sacre = detokenized_bleu([generated["hyps"][i] for i in ids], [generated["refs"][i] for i in ids], "en")
+    record = {
+        "experiment": "iwslt14", "preset": args.preset, "optimizer": args.optimizer, "seed": args.seed,
+        "data_bin": str(args.data_bin), "command": command,
+        "epochs": epoch_curves(log), "averaged_checkpoints": [c.name for c in checkpoints],
+        **valid, "test_sentences": len(ids), "tokenized_bleu": generated["tokenized_bleu"], **sacre,
+        "wall_seconds": time.time() - started,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+    }
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record_path.with_name(record_path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(record_path)  # only a finished run has a record
+    print(f"{name}: valid ppl {valid['valid_ppl']:.2f}, test BLEU {generated['tokenized_bleu']:.2f} (tokenized), "
+          f"sacreBLEU {sacre['sacrebleu']:.2f} -> {record_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

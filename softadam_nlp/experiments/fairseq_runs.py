@@ -1,0 +1,135 @@
+"""Pieces of a fairseq translation experiment: logs, checkpoint averaging, BLEU.
+
+Used by scripts/run_iwslt14.py; each piece works on files fairseq writes, so it can be
+tested without training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+
+def fairseq_tool(name: str) -> str:
+    """A fairseq console script: beside this Python (a venv not on PATH), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
+def parse_fairseq_log(lines: Iterable[str]) -> dict[str, list[dict]]:
+    """Per-epoch ``train`` and ``valid`` records from ``--log-format json`` output.
+
+    Reads both the console form (``... | train | {json}``) and the bare JSON lines of a
+    ``--log-file``; a record is an epoch's train or valid summary by its keys.
+    """
+    records: dict[str, list[dict]] = {"train": [], "valid": []}
+    for line in lines:
+        start = line.find('{"')
+        if start < 0:
+            continue
+        try:
+            record = json.loads(line[start:])
+        except json.JSONDecodeError:
+            continue
+        if "train_loss" in record:
+            records["train"].append(record)
+        elif "valid_loss" in record:
+            records["valid"].append(record)
+    return records
+
+
+def epoch_curves(records: dict[str, list[dict]]) -> list[dict]:
+    """[{epoch, train_loss, train_ppl, valid_loss, valid_ppl}, ...] with floats (fairseq logs strings).
+
+    A log appended to by a resumed run can repeat an epoch; its last record wins.
+    """
+    valid = {int(r["epoch"]): r for r in records["valid"]}
+    train = {int(r["epoch"]): r for r in records["train"]}
+    curve = []
+    for r in (train[e] for e in sorted(train)):
+        epoch = int(r["epoch"])
+        row = {"epoch": epoch, "num_updates": int(r["train_num_updates"]),
+               "train_loss": float(r["train_loss"]), "train_ppl": float(r["train_ppl"])}
+        if epoch in valid:
+            row["valid_loss"] = float(valid[epoch]["valid_loss"])
+            row["valid_ppl"] = float(valid[epoch]["valid_ppl"])
+        curve.append(row)
+    return curve
+
+
+def epoch_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """checkpointN.pt files in epoch order."""
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.glob("checkpoint*.pt")
+             if (m := re.fullmatch(r"checkpoint(\d+)\.pt", p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def average_checkpoints(paths: Sequence[Path], output: Path) -> Path:
+    """Average the model parameters of ``paths`` (as fairseq's average_checkpoints.py does)
+    into ``output``; everything else is taken from the last checkpoint."""
+    if not paths:
+        raise ValueError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    state = None
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for name, value in state["model"].items():
+            value = value.double() if value.is_floating_point() else value
+            if name not in total:
+                total[name] = value.clone()
+            elif value.is_floating_point():
+                total[name] += value
+    assert state is not None
+    reference = state["model"]
+    state["model"] = {
+        name: (value / len(paths)).to(reference[name].dtype) if value.is_floating_point() else value
+        for name, value in total.items()
+    }
+    tmp = output.with_name(output.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(output)
+    return output
+
+
+_BLEU4 = re.compile(r"BLEU4? = ([0-9.]+)")
+
+
+def parse_generate_output(text: str) -> dict:
+    """Hypotheses and references (by sentence id) and fairseq's tokenized BLEU."""
+    hyps, refs = {}, {}
+    for line in text.splitlines():
+        if line.startswith("H-"):
+            tag, _, hyp = line.split("\t", 2)
+            hyps[int(tag[2:])] = hyp
+        elif line.startswith("T-"):
+            tag, ref = line.split("\t", 1)
+            refs[int(tag[2:])] = ref
+    match = _BLEU4.findall(text)
+    return {"hyps": hyps, "refs": refs, "tokenized_bleu": float(match[-1]) if match else math.nan}
+
+
+def detokenized_bleu(hyps: Sequence[str], refs: Sequence[str], lang: str) -> dict:
+    """sacreBLEU on Moses-detokenized text, with its signature."""
+    import sacrebleu
+    from sacremoses import MosesDetokenizer
+
+    detok = MosesDetokenizer(lang=lang)
+    metric = sacrebleu.metrics.BLEU()
+    score = metric.corpus_score([detok.detokenize(h.split()) for h in hyps],
+                                [[detok.detokenize(r.split()) for r in refs]])
+    return {"sacrebleu": score.score, "signature": str(metric.get_signature())}
+
+
+def finished_updates(checkpoint: Path) -> int:
+    """Updates done according to a fairseq checkpoint (0 if there is none)."""
+    if not checkpoint.exists():
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return int(state["optimizer_history"][-1]["num_updates"])

@@ -1,0 +1,95 @@
+"""Tables and curves from run records (one JSON file per run), beside the paper's figures."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+# The paper's numbers, for the adjacent columns.
+PAPER = {
+    "iwslt14": {  # Table 3: validation perplexity and BLEU
+        "sgd": {"valid_ppl": 4.14, "bleu": 31.43},
+        "softadam": {"valid_ppl": 4.02, "bleu": 32.76},
+        "adamw": {"valid_ppl": 3.87, "bleu": 34.44},
+    },
+    "ptb": {  # Table 2: validation perplexity, mean +- std over 3 seeds
+        "softadam": {"valid_ppl": 63.63},
+        "sgd": {"valid_ppl": 66.64},
+        "adam": {"valid_ppl": 62.03},
+    },
+}
+# Per experiment: (record field, column title, paper field or None).
+COLUMNS = {
+    "iwslt14": [("valid_ppl", "val ppl", "valid_ppl"), ("tokenized_bleu", "BLEU (tok.)", "bleu"),
+                ("sacrebleu", "sacreBLEU", None)],
+    "ptb": [("valid_ppl", "val ppl", "valid_ppl"), ("test_ppl", "test ppl", None)],
+}
+OPTIMIZER_ORDER = ("sgd", "softadam", "adam", "adamw")
+
+
+def load_records(folder: Path) -> list[dict]:
+    """Every finished record (``*.json``) under ``folder``."""
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("*.json"))]
+
+
+def mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def markdown_table(records: list[dict], experiment: str) -> str:
+    """One row per optimizer: mean ± std over seeds (n runs), the paper's figure beside each."""
+    by_optimizer: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_optimizer[record["optimizer"]].append(record)
+    header = ["optimizer", "runs"]
+    for _, title, paper_key in COLUMNS[experiment]:
+        header.append(title)
+        if paper_key:
+            header.append(f"paper {title.split(' (')[0]}")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = sorted(by_optimizer, key=lambda o: (OPTIMIZER_ORDER.index(o) if o in OPTIMIZER_ORDER else 99, o))
+    for optimizer in order:
+        runs = by_optimizer[optimizer]
+        row = [optimizer, str(len(runs))]
+        for key, _, paper_key in COLUMNS[experiment]:
+            row.append(mean_std([r[key] for r in runs]))
+            if paper_key:
+                paper = PAPER[experiment].get(optimizer, {}).get(paper_key)
+                row.append(f"{paper:.2f}" if paper is not None else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
+    """Validation perplexity per epoch, mean over seeds per optimizer (Figure 2 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        for point in record.get("epochs", []):
+            if "valid_ppl" in point:
+                curves[record["optimizer"]][point["epoch"]].append(point["valid_ppl"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for optimizer in sorted(curves):
+        epochs = sorted(curves[optimizer])
+        ax.plot(epochs, [statistics.mean(curves[optimizer][e]) for e in epochs], marker=".", label=optimizer)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation perplexity (mean over seeds)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if curves:
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,102 @@
+"""scripts/run_iwslt14.py (tiny preset) and scripts/report.py on generated data; their library pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fairseq_cli import run_tool, write_reversal_corpus
+from softadam_nlp.experiments.fairseq_runs import (
+    average_checkpoints, detokenized_bleu, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
+)
+from softadam_nlp.experiments.reporting import markdown_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: object) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    raw = tmp_path_factory.mktemp("raw")
+    write_reversal_corpus(raw)
+    for split in ("train", "valid", "test"):
+        (raw / f"{split}.src").rename(raw / f"{split}.de")
+        (raw / f"{split}.tgt").rename(raw / f"{split}.en")
+    out = raw.parent / "bin"
+    run_tool("fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--trainpref", raw / "train",
+             "--validpref", raw / "valid", "--testpref", raw / "test", "--destdir", out, "--workers", 1)
+    return out
+
+
+def test_run_writes_a_complete_record_and_skips_finished_runs(data_bin: Path, tmp_path: Path) -> None:
+    args = ["--preset", "tiny", "--data-bin", data_bin, "--results", tmp_path / "results",
+            "--work-dir", tmp_path / "work", "--average-last", 2]
+    for optimizer in ("softadam", "adamw"):
+        result = run_script("run_iwslt14.py", "--optimizer", optimizer, *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "results" / "tiny" / "softadam-seed1.json").read_text())
+    assert [e["epoch"] for e in record["epochs"]] == [1, 2] and record["epochs"][-1]["num_updates"] == 30
+    assert record["averaged_checkpoints"] == ["checkpoint1.pt", "checkpoint2.pt"]
+    assert record["test_sentences"] == 100  # every test sentence decoded
+    assert 1 < record["valid_ppl"] < 40 and record["valid_ppl"] == pytest.approx(2 ** record["valid_nll_loss"], rel=0.01)
+    assert record["signature"].startswith("nrefs:1|") and record["tokenized_bleu"] >= 0
+    command = record["command"]
+    assert command[command.index("--warmup-updates") + 1] == "0"  # SoftAdam: no warmup
+    adamw = json.loads((tmp_path / "results" / "tiny" / "adamw-seed1.json").read_text())
+    assert adamw["command"][adamw["command"].index("--warmup-updates") + 1] == "5"
+
+    again = run_script("run_iwslt14.py", "--optimizer", "softadam", *args)
+    assert again.returncode == 0 and "skipping" in again.stdout
+
+    report = run_script("report.py", "--experiment", "iwslt14", "--records", tmp_path / "results",
+                        "--plot", tmp_path / "curves.png")
+    assert report.returncode == 0, report.stderr
+    assert "| softadam | 1 |" in report.stdout and "| 32.76 |" in report.stdout
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_missing_data_bin_is_reported(tmp_path: Path) -> None:
+    result = run_script("run_iwslt14.py", "--optimizer", "softadam", "--data-bin", tmp_path)
+    assert result.returncode == 2 and "prepare_iwslt14.py" in result.stderr
+
+
+def test_average_checkpoints(tmp_path: Path) -> None:
+    for i, value in enumerate((1.0, 2.0, 6.0), 1):
+        torch.save({"model": {"w": torch.full((2,), value), "steps": torch.tensor([i])}, "extra": i},
+                   tmp_path / f"checkpoint{i}.pt")
+    torch.save({}, tmp_path / "checkpoint_last.pt")
+    paths = epoch_checkpoints(tmp_path)
+    assert [p.name for p in paths] == ["checkpoint1.pt", "checkpoint2.pt", "checkpoint3.pt"]
+    averaged = torch.load(average_checkpoints(paths[-2:], tmp_path / "avg.pt"), weights_only=False)
+    assert averaged["model"]["w"].tolist() == [4.0, 4.0] and averaged["extra"] == 3
+
+
+def test_log_and_generate_parsing() -> None:
+    log = ['2026 | INFO | train | {"epoch": 1, "train_loss": "5", "train_ppl": "32", "train_num_updates": "10"}',
+           '{"epoch": 1, "valid_loss": "4", "valid_ppl": "16"}',
+           '{"epoch": 1, "train_loss": "4.5", "train_ppl": "22.6", "train_num_updates": "10"}',  # resumed: re-logged
+           '2026 | INFO | train_inner | {"epoch": 1, "loss": "5"}']
+    assert epoch_curves(parse_fairseq_log(log)) == [
+        {"epoch": 1, "num_updates": 10, "train_loss": 4.5, "train_ppl": 22.6, "valid_loss": 4.0, "valid_ppl": 16.0}]
+    out = "S-1\tx\nT-1\tthe cat .\nH-1\t-0.1\tthe cat .\nD-1\t-0.1\tthe cat .\nGenerate test with beam=5: BLEU4 = 12.34, 1/2/3/4"
+    parsed = parse_generate_output(out)
+    assert parsed["hyps"] == {1: "the cat ."} and parsed["refs"] == {1: "the cat ."} and parsed["tokenized_bleu"] == 12.34
+    assert detokenized_bleu(["the cat sat on the mat ."], ["the cat sat on the mat ."], "en")["sacrebleu"] == pytest.approx(100.0)
+
+
+def test_markdown_table_mean_std_and_paper_columns() -> None:
+    records = [{"optimizer": "sgd", "valid_ppl": v, "tokenized_bleu": b, "sacrebleu": b}
+               for v, b in ((5.0, 30.0), (7.0, 32.0))]
+    table = markdown_table(records, "iwslt14")
+    assert "| sgd | 2 | 6.00 ± 1.41 | 4.14 | 31.00 ± 1.41 | 31.43 | 31.00 ± 1.41 |" in table
