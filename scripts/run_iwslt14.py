@@ -53,10 +53,13 @@ MODELS = {
              "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
              "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"],
 }
-BUDGET = {  # max updates, max tokens per batch, warmup updates of AdamW/SGD
-    "paper": {"max_update": 50_000, "max_tokens": 4096, "warmup": 4000},
-    "cpu": {"max_update": 2_000, "max_tokens": 4096, "warmup": 200},
-    "tiny": {"max_update": 30, "max_tokens": 1000, "warmup": 5},
+# Max updates, max tokens per batch, warmup updates of AdamW/SGD, epoch checkpoints averaged.
+# cpu: sized from a 100-update calibration run (about 0.6 updates/s on the 2-core build
+# machine, Multi30k: ~110 updates an epoch), so that training takes under 20 minutes.
+BUDGET = {
+    "paper": {"max_update": 50_000, "max_tokens": 4096, "warmup": 4000, "average_last": 5},
+    "cpu": {"max_update": 700, "max_tokens": 4096, "warmup": 100, "average_last": 2},
+    "tiny": {"max_update": 30, "max_tokens": 1000, "warmup": 5, "average_last": 2},
 }
 OPTIMIZERS = {  # per optimizer: fairseq options and the default learning rate per preset
     "softadam": {"args": ["--optimizer", "softadam", "--softadam-eta", "1.0", "--weight-decay", "0.0001"],
@@ -112,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-bin", type=Path, default=Path("data/iwslt14.tokenized.de-en/data-bin"))
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--max-update", type=int, default=None, help="override the preset's budget")
-    p.add_argument("--average-last", type=int, default=5, help="epoch checkpoints to average")
+    p.add_argument("--average-last", type=int, default=None, help="epoch checkpoints to average (preset's default)")
     p.add_argument("--results", type=Path, default=REPO / "results" / "iwslt14")
     p.add_argument("--work-dir", type=Path, default=Path("runs/iwslt14"), help="checkpoints and logs")
     p.add_argument("--force", action="store_true", help="rerun even if the record exists")
     args = p.parse_args(argv)
     if not (args.data_bin / "dict.de.txt").is_file():
         p.error(f"{args.data_bin} is not a fairseq data-bin (no dict.de.txt); run scripts/prepare_iwslt14.py first")
+    args.average_last = args.average_last or BUDGET[args.preset]["average_last"]
     if args.average_last < 1:
         p.error("--average-last must be >= 1")
 
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"training already finished in {work}: evaluating", flush=True)
     log = parse_fairseq_log((work / "train.log").read_text().splitlines())
-    checkpoints = epoch_checkpoints(work / "checkpoints")[-args.average_last:]
+    # A run shorter than one epoch has no epoch checkpoint: evaluate its last one.
+    checkpoints = epoch_checkpoints(work / "checkpoints")[-args.average_last:] or [work / "checkpoints" / "checkpoint_last.pt"]
     averaged = average_checkpoints(checkpoints, work / "checkpoint_averaged.pt")
     valid = validate(args, averaged)
     generated = parse_generate_output(run([
