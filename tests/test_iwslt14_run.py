@@ -48,6 +48,7 @@ def test_run_writes_a_complete_record_and_skips_finished_runs(data_bin: Path, tm
     record = json.loads((tmp_path / "results" / "tiny" / "softadam-seed1.json").read_text())
     assert [e["epoch"] for e in record["epochs"]] == [1, 2] and record["epochs"][-1]["num_updates"] == 30
     assert record["averaged_checkpoints"] == ["checkpoint1.pt", "checkpoint2.pt"]
+    assert record["train_seconds"] > 0 and record["eval_seconds"] > 0
     assert record["test_sentences"] == 100  # every test sentence decoded
     assert 1 < record["valid_ppl"] < 40 and record["valid_ppl"] == pytest.approx(2 ** record["valid_nll_loss"], rel=0.01)
     assert record["signature"].startswith("nrefs:1|") and record["tokenized_bleu"] >= 0
@@ -85,10 +86,10 @@ def test_average_checkpoints(tmp_path: Path) -> None:
 def test_log_and_generate_parsing() -> None:
     log = ['2026 | INFO | train | {"epoch": 1, "train_loss": "5", "train_ppl": "32", "train_num_updates": "10"}',
            '{"epoch": 1, "valid_loss": "4", "valid_ppl": "16"}',
-           '{"epoch": 1, "train_loss": "4.5", "train_ppl": "22.6", "train_num_updates": "10"}',  # resumed: re-logged
+           '{"epoch": 1, "train_loss": "4.5", "train_ppl": "22.6", "train_num_updates": "10", "train_wall": "12"}',  # resumed: re-logged
            '2026 | INFO | train_inner | {"epoch": 1, "loss": "5"}']
     assert epoch_curves(parse_fairseq_log(log)) == [
-        {"epoch": 1, "num_updates": 10, "train_loss": 4.5, "train_ppl": 22.6, "valid_loss": 4.0, "valid_ppl": 16.0}]
+        {"epoch": 1, "num_updates": 10, "wall_seconds": 12.0, "train_loss": 4.5, "train_ppl": 22.6, "valid_loss": 4.0, "valid_ppl": 16.0}]
     out = "S-1\tx\nT-1\tthe cat .\nH-1\t-0.1\tthe cat .\nD-1\t-0.1\tthe cat .\nGenerate test with beam=5: BLEU4 = 12.34, 1/2/3/4"
     parsed = parse_generate_output(out)
     assert parsed["hyps"] == {1: "the cat ."} and parsed["refs"] == {1: "the cat ."} and parsed["tokenized_bleu"] == 12.34

@@ -56,6 +56,7 @@ def epoch_curves(records: dict[str, list[dict]]) -> list[dict]:
     for r in (train[e] for e in sorted(train)):
         epoch = int(r["epoch"])
         row = {"epoch": epoch, "num_updates": int(r["train_num_updates"]),
+               "wall_seconds": float(r.get("train_wall", "nan")),  # cumulative, across resumes
                "train_loss": float(r["train_loss"]), "train_ppl": float(r["train_ppl"])}
         if epoch in valid:
             row["valid_loss"] = float(valid[epoch]["valid_loss"])
