@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import sacrebleu
+import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
         lr_scheduler_type=trainer_schedule_name(args),
         warmup_steps=args.warmup_steps, label_smoothing_factor=args.label_smoothing,
-        max_grad_norm=args.max_grad_norm, seed=args.seed, use_cpu=not _has_gpu(),
+        max_grad_norm=args.max_grad_norm, seed=args.seed, use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps,
         save_strategy="steps", save_steps=args.eval_steps or args.max_steps, save_total_limit=2,
         logging_steps=max(1, min(50, args.max_steps // 10)), report_to=available_reporters(),
@@ -170,12 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"valid BLEU {metrics['eval_bleu']:.2f}  valid loss {metrics['eval_loss']:.3f} "
           f"(label-smoothed; ppl {metrics['eval_ppl']:.2f})  -> {args.output_dir / 'metrics.json'}")
     return 0
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -427,16 +427,13 @@ def _multi_tensor_softadam(
 
         torch._foreach_add_(device_steps, 1)
         steps = [_get_value(s) for s in device_steps]
-        if isinstance(steps[0], Tensor):
-            # torch.compile: per-tensor lists of 0-dim tensor coefficients.
-            coefficients = [_step_coefficients(s, beta2, eta) for s in steps]
-            beta2_t, weight, denom_offset, denom_scale = (list(c) for c in zip(*coefficients))
-        elif all(s == steps[0] for s in steps):
-            # The usual case: one scalar per coefficient, which keeps the foreach
-            # kernels on their in-place scalar fast path.
+        if not isinstance(steps[0], Tensor) and all(s == steps[0] for s in steps):
+            # The usual eager case: one scalar per coefficient, which keeps the
+            # foreach kernels on their in-place scalar fast path.
             beta2_t, weight, denom_offset, denom_scale = _step_coefficients(steps[0], beta2, eta)
         else:
-            # Parameters that joined the group later have their own step counts.
+            # Per-tensor coefficients: 0-dim tensors under torch.compile, or Python
+            # numbers when parameters that joined the group later have their own steps.
             coefficients = [_step_coefficients(s, beta2, eta) for s in steps]
             beta2_t, weight, denom_offset, denom_scale = (list(c) for c in zip(*coefficients))
 

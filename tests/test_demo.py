@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from repo_scripts import run_repo_script
 from softadam_nlp.data.ptb import batchify, find_ptb_dir, load_ptb
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_tiny_ptb(directory: Path) -> None:
@@ -56,9 +53,7 @@ def test_batchify_makes_contiguous_streams() -> None:
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return run_repo_script("scripts/demo.py", *args)
 
 
 def test_demo_trains_tabulates_plots_and_reuses_finished_runs(tmp_path: Path) -> None:

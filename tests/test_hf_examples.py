@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_scripts import run_repo_script
 
 
 def run_example(script: str, *args: object) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    result = subprocess.run([sys.executable, str(REPO / "hf_examples" / script), *map(str, args)],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = run_repo_script(f"hf_examples/{script}", *args, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -88,7 +84,5 @@ def test_baselines_run_through_the_same_script(tmp_path: Path, optimizer: str, l
 
 
 def test_missing_data_fails_clearly(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "hf_examples" / "run_language_modeling.py"),
-                             "--data-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path)
     assert result.returncode == 2 and "ptb.train.txt" in result.stderr

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from repo_scripts import run_repo_script
 import torch
 
 from fairseq_cli import run_tool, write_reversal_corpus
@@ -17,13 +17,9 @@ from softadam_nlp.experiments.fairseq_runs import (
 )
 from softadam_nlp.experiments.reporting import markdown_table
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def run_script(name: str, *args: object) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    return run_repo_script(f"scripts/{name}", *args)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from repo_scripts import run_repo_script
+
 from softadam_nlp.data import translation as tr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,9 +97,7 @@ def make_archive(tmp_path: Path) -> tuple[Path, dict[str, int]]:
 
 
 def run_script(*args: object) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_iwslt14.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return run_repo_script("scripts/prepare_iwslt14.py", *args)
 
 
 def test_prepares_an_iwslt_archive_end_to_end(tmp_path: Path) -> None:
