@@ -22,10 +22,6 @@ for the Multi30k stand-in on CPUs; `tiny` is for tests. Learning rates and budge
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,6 +34,7 @@ from softadam_nlp.experiments.fairseq_runs import (
     average_checkpoints, detokenized_bleu, epoch_checkpoints, epoch_curves, fairseq_tool,
     finished_updates, parse_fairseq_log, parse_generate_output,
 )
+from softadam_nlp.experiments.records import record_path as make_record_path, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "fairseq_plugins"
@@ -127,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--average-last must be >= 1")
 
     name = f"{args.optimizer}-seed{args.seed}"
-    record_path = args.results / args.preset / f"{name}.json"
+    record_path = make_record_path(args.results, args.preset, args.optimizer, args.seed)
     if record_path.exists() and not args.force:
         print(f"{record_path} exists: skipping (--force reruns)")
         return 0
@@ -165,14 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         # fairseq's cumulative training wall time (it survives resumes) + this evaluation.
         "train_seconds": curve[-1]["wall_seconds"] if curve else None,
         "eval_seconds": time.time() - eval_started,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
     }
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record_path.with_name(record_path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(record_path)  # only a finished run has a record
+    write_record(record_path, record)
     print(f"{name}: valid ppl {valid['valid_ppl']:.2f}, test BLEU {generated['tokenized_bleu']:.2f} (tokenized), "
           f"sacreBLEU {sacre['sacrebleu']:.2f} -> {record_path}")
     return 0
