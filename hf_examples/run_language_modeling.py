@@ -1,16 +1,29 @@
 #!/usr/bin/env python
-r"""Train a causal language model from scratch with the Trainer and SoftAdam; report perplexity.
+r"""Train a word-level language model on Penn Treebank with the Trainer and SoftAdam.
 
-Text files in the PTB layout (DATA_DIR/ptb.{train,valid,test}.txt, one sentence per
-line, already tokenized) are loaded with `datasets`; the vocabulary is the training
-set's words plus <eos> (a word-level `tokenizers` model, so perplexities are per word
-as in the PTB literature); lines are joined into one stream and cut into blocks.
+The paper's Table 2 (3-layer AWD-LSTM, Merity et al. 2017):
 
-    python hf_examples/run_language_modeling.py --data-dir ../shared/data/ptb \
-        --model gpt2 --optimizer softadam --lr 1.0 --max-steps 2000
+    python hf_examples/run_language_modeling.py --optimizer softadam --seed 1 --preset cpu
+    python scripts/report.py --experiment ptb --records results/ptb/cpu --plot docs/figures/ptb_cpu_valid_ppl.png
 
-Models come from MODEL_BUILDERS (name -> function(vocab_size, args) -> model); the
-AWD-LSTM joins it with the PTB experiment. Metrics go to OUTPUT_DIR/metrics.json.
+Data: Mikolov's ptb.{train,valid,test}.txt from --data-dir (default: $SOFTADAM_DATA_DIR
+or ../shared/data/ptb), loaded with `datasets` and checked against the canonical md5s
+(--no-verify for other text in the same layout). The vocabulary is the training
+words plus <eos> (a word-level `tokenizers` model), so perplexities are per word.
+
+--model awd_lstm (default) trains as the AWD-LSTM recipe does, through
+softadam_nlp.experiments.bptt.BPTTTrainer: contiguous streams, hidden state carried
+across segments, variable BPTT length with the learning rate scaled by seq_len/bptt,
+whole-split evaluation (valid batch 10, test batch 1), the best epoch by validation
+loss kept. Presets: `paper` (the recipe's sizes, 500 epochs: a GPU run), `cpu` (a
+smaller model for about 20 minutes on 2 CPU cores), `tiny` (tests). SoftAdam uses weight
+drop 0.6 instead of 0.5, as the paper does. The run's record (same format as the IWSLT
+experiment's) goes to RESULTS/<preset>/<optimizer>-seed<N>.json when it has finished; an
+existing record is kept unless --force, and a crashed run resumes from its last epoch
+checkpoint in --output-dir.
+
+--model gpt2 trains a small GPT-2 on fixed blocks for --max-steps (no record; metrics
+in OUTPUT_DIR/metrics.json), to show the factory with a transformers model.
 """
 
 from __future__ import annotations
@@ -18,37 +31,52 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import time
 from itertools import chain
 from pathlib import Path
-from typing import Callable
 
 import torch
 from datasets import DatasetDict, load_dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, default_data_collator
+from transformers.trainer_utils import get_last_checkpoint
 
+from softadam_nlp.data.ptb import EOS, ptb_files
+from softadam_nlp.experiments.bptt import BPTTTrainer, evaluate_stream, segments_per_epoch
+from softadam_nlp.experiments.records import record_path, write_record
 from softadam_nlp.hf import add_optimizer_arguments, available_reporters, optimizers_from_cli, trainer_schedule_name
+from softadam_nlp.models.awd_lstm import AWDLSTMConfig, AWDLSTMForLanguageModeling
 
-EOS = "<eos>"
+REPO = Path(__file__).resolve().parents[1]
+
+# AWD-LSTM presets. Dropouts not listed keep AWDLSTMConfig's recipe values.
+# cpu: sized so one run fits about 20 minutes on the 2-core build machine (see docs/RESULTS.md).
+PRESETS = {
+    "paper": {"model": {"embedding_size": 400, "hidden_size": 1150, "num_layers": 3},
+              "epochs": 500, "batch_size": 20, "bptt": 70},
+    "cpu": {"model": {"embedding_size": 200, "hidden_size": 400, "num_layers": 3},
+            "epochs": 4, "batch_size": 20, "bptt": 70},
+    "tiny": {"model": {"embedding_size": 16, "hidden_size": 32, "num_layers": 2, "dropout_output": 0.1,
+                       "dropout_hidden": 0.1, "dropout_input": 0.1, "dropout_embedding": 0.0},
+             "epochs": 3, "batch_size": 8, "bptt": 20},
+}
+# Per optimizer and preset. paper: the recipe's SGD rate (30, no momentum); SoftAdam's
+# dampened momentum steps about lr per unit gradient, like plain SGD, hence the same
+# rate; Adam 2e-3. They are untuned (no GPU here); cpu rates come from a probe.
+LEARNING_RATES = {
+    "softadam": {"paper": 30.0, "cpu": 30.0, "tiny": 30.0},
+    "sgd": {"paper": 30.0, "cpu": 30.0, "tiny": 30.0},
+    "adam": {"paper": 2e-3, "cpu": 2e-3, "tiny": 1e-2},
+    "adamw": {"paper": 2e-3, "cpu": 2e-3, "tiny": 1e-2},
+}
+SOFTADAM_WEIGHT_DROP = 0.6  # the paper's one change to the recipe for SoftAdam
+VALID_BATCH, TEST_BATCH = 10, 1  # the recipe's evaluation batch sizes
 
 
-def build_gpt2(vocab_size: int, args: argparse.Namespace) -> torch.nn.Module:
-    config = GPT2Config(vocab_size=vocab_size, n_positions=args.block_size, n_embd=args.hidden_size,
-                        n_layer=args.layers, n_head=args.heads, resid_pdrop=args.dropout,
-                        embd_pdrop=args.dropout, attn_pdrop=args.dropout, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config)
-
-
-MODEL_BUILDERS: dict[str, Callable[[int, argparse.Namespace], torch.nn.Module]] = {"gpt2": build_gpt2}
-
-
-def load_text(data_dir: Path) -> DatasetDict:
-    files = {split: data_dir / f"ptb.{split}.txt" for split in ("train", "valid", "test")}
-    missing = [str(path) for path in files.values() if not path.is_file()]
-    if missing:
-        raise FileNotFoundError(f"missing {', '.join(missing)} (expected the PTB layout ptb.{{train,valid,test}}.txt)")
-    return load_dataset("text", data_files={k: str(v) for k, v in files.items()})
+def load_text(files: dict[str, Path]) -> DatasetDict:
+    return load_dataset("text", data_files={split: str(path) for split, path in files.items()})
 
 
 def word_tokenizer(train_lines: list[str]) -> PreTrainedTokenizerFast:
@@ -62,76 +90,187 @@ def word_tokenizer(train_lines: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
 
 
+def token_streams(raw: DatasetDict, tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
+    """Each split as one id stream, every line ending with <eos> (Mikolov's convention).
+    Empty lines are skipped, as the recipe's reader does not see them in PTB."""
+    eos = tokenizer.eos_token_id
+    streams = {}
+    for split in raw:
+        lines = [line for line in raw[split]["text"] if line.strip()]
+        ids = tokenizer(lines, add_special_tokens=False)["input_ids"]
+        streams[split] = torch.tensor(list(chain.from_iterable(seq + [eos] for seq in ids)), dtype=torch.long)
+    return streams
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, required=True, help="folder with ptb.{train,valid,test}.txt")
-    p.add_argument("--model", choices=sorted(MODEL_BUILDERS), default="gpt2")
-    p.add_argument("--block-size", type=int, default=70, help="tokens per training sequence")
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--dropout", type=float, default=0.2)
-    add_optimizer_arguments(p, lr=1.0, weight_decay=1.2e-6)
-    p.add_argument("--max-steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=20)
-    p.add_argument("--max-grad-norm", type=float, default=0.25, help="0: no clipping")
-    p.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with ptb.{train,valid,test}.txt")
+    p.add_argument("--no-verify", action="store_true", help="skip the PTB md5 check (other text in the PTB layout)")
+    p.add_argument("--model", choices=("awd_lstm", "gpt2"), default="awd_lstm")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--output-dir", type=Path, default=Path("runs/hf-lm"))
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    add_optimizer_arguments(p, lr=None, weight_decay=1.2e-6, momentum=None)
+    p.add_argument("--max-grad-norm", type=float, default=0.25, help="0: no clipping")
+    p.add_argument("--output-dir", type=Path, default=None, help="checkpoints and logs (default: runs/ptb/...)")
+    awd = p.add_argument_group("awd_lstm (defaults from --preset)")
+    awd.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    awd.add_argument("--epochs", type=int, default=None)
+    awd.add_argument("--bptt", type=int, default=None)
+    awd.add_argument("--weight-drop", type=float, default=None,
+                     help=f"default: the recipe's 0.5, {SOFTADAM_WEIGHT_DROP} for SoftAdam")
+    awd.add_argument("--results", type=Path, default=REPO / "results" / "ptb")
+    awd.add_argument("--force", action="store_true", help="rerun even if the record exists")
+    gpt2 = p.add_argument_group("gpt2")
+    gpt2.add_argument("--block-size", type=int, default=70, help="tokens per training sequence")
+    gpt2.add_argument("--hidden-size", type=int, default=256)
+    gpt2.add_argument("--layers", type=int, default=2)
+    gpt2.add_argument("--heads", type=int, default=4)
+    gpt2.add_argument("--dropout", type=float, default=0.2)
+    gpt2.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=None, help="training streams (awd_lstm) or blocks (gpt2)")
     args = p.parse_args(argv)
-    if args.max_steps < 1 or args.block_size < 2:
-        p.error("--max-steps must be >= 1 and --block-size >= 2")
+    if args.model == "awd_lstm":
+        preset = PRESETS[args.preset]
+        args.epochs = args.epochs or preset["epochs"]
+        args.bptt = args.bptt or preset["bptt"]
+        args.batch_size = args.batch_size or preset["batch_size"]
+        if args.lr is None:
+            args.lr = LEARNING_RATES[args.optimizer][args.preset]
+        if args.weight_drop is None:
+            args.weight_drop = SOFTADAM_WEIGHT_DROP if args.optimizer == "softadam" else 0.5
+        if args.momentum is None:
+            args.momentum = 0.0  # the recipe's SGD
+        if args.lr_scheduler == "linear" and "--lr-scheduler" not in (argv or sys.argv[1:]):
+            args.lr_scheduler = "step"  # x0.1 at 50% and 75% of training, as the paper schedules
+        if args.epochs < 1 or args.bptt < 2 or args.batch_size < 1:
+            p.error("--epochs, --batch-size must be >= 1 and --bptt >= 2")
+        args.output_dir = args.output_dir or Path("runs/ptb") / args.preset / f"{args.optimizer}-seed{args.seed}"
+    else:
+        args.batch_size = args.batch_size or 20
+        args.lr = 1.0 if args.lr is None else args.lr
+        args.momentum = 0.9 if args.momentum is None else args.momentum
+        args.output_dir = args.output_dir or Path("runs/hf-lm")
+        if args.max_steps < 1 or args.block_size < 2:
+            p.error("--max-steps must be >= 1 and --block-size >= 2")
+    if args.lr <= 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        raw = load_text(args.data_dir)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    tokenizer = word_tokenizer(raw["train"]["text"])
-    eos = tokenizer.eos_token_id
-
-    def to_ids(batch: dict) -> dict:
-        return {"ids": [tokenizer(line.strip())["input_ids"] + [eos] for line in batch["text"]]}
-
-    def to_blocks(batch: dict) -> dict:
-        stream = list(chain.from_iterable(batch["ids"]))
-        n = len(stream) // args.block_size * args.block_size
-        blocks = [stream[i : i + args.block_size] for i in range(0, n, args.block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
-
-    ids = raw.map(to_ids, batched=True, remove_columns=["text"])
-    # One map call over the whole split keeps the stream contiguous across lines.
-    blocks = ids.map(to_blocks, batched=True, batch_size=None, remove_columns=["ids"])
-
-    model = MODEL_BUILDERS[args.model](len(tokenizer), args)
-    training_args = TrainingArguments(
-        output_dir=str(args.output_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
-        lr_scheduler_type=trainer_schedule_name(args),
+def training_arguments(args: argparse.Namespace, **overrides) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(args.output_dir), per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, weight_decay=args.weight_decay, lr_scheduler_type=trainer_schedule_name(args),
         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), eval_strategy="steps" if args.eval_steps else "no",
-        eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.eval_steps or args.max_steps,
-        save_total_limit=2, logging_steps=max(1, min(50, args.max_steps // 10)), report_to=available_reporters(),
+        use_cpu=not torch.cuda.is_available(), report_to=available_reporters(), **overrides,
     )
-    trainer = Trainer(
-        model=model, args=training_args, train_dataset=blocks["train"], eval_dataset=blocks["valid"],
-        data_collator=default_data_collator,
-        optimizers=optimizers_from_cli(args, model, training_args),
+
+
+def epoch_curve(log_history: list[dict]) -> list[dict]:
+    """Per epoch: validation loss/ppl, mean logged training loss, cumulative wall seconds."""
+    curve = []
+    for entry in log_history:
+        if "eval_ppl" in entry:
+            epoch = round(entry["epoch"])
+            losses = [e["loss"] for e in log_history if "loss" in e and epoch - 1 < e.get("epoch", -1) <= epoch]
+            curve.append({"epoch": epoch, "valid_loss": entry["eval_loss"], "valid_ppl": entry["eval_ppl"],
+                          "train_loss": sum(losses) / len(losses) if losses else None,
+                          "wall_seconds": entry.get("eval_train_seconds")})
+    return curve
+
+
+def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_size: int, argv: list[str]) -> int:
+    path = record_path(args.results, args.preset, args.optimizer, args.seed)
+    if path.exists() and not args.force:
+        print(f"{path} exists: skipping (--force reruns)")
+        return 0
+    if args.force and args.output_dir.exists():
+        shutil.rmtree(args.output_dir)
+    torch.manual_seed(args.seed)
+    config = AWDLSTMConfig(vocab_size=vocab_size, weight_drop=args.weight_drop, **PRESETS[args.preset]["model"])
+    model = AWDLSTMForLanguageModeling(config)
+    steps_per_epoch = segments_per_epoch(streams["train"], args.batch_size, args.bptt)
+    num_training_steps = steps_per_epoch * args.epochs
+    training_args = training_arguments(
+        args, num_train_epochs=args.epochs, per_device_eval_batch_size=VALID_BATCH,
+        eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", greater_is_better=False, logging_steps=max(1, steps_per_epoch // 10),
     )
-    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    trainer = BPTTTrainer(model=model, args=training_args, train_tokens=streams["train"],
+                          eval_tokens=streams["valid"], bptt=args.bptt,
+                          optimizers=optimizers_from_cli(args, model, training_args, num_training_steps))
+    last = get_last_checkpoint(str(args.output_dir)) if args.output_dir.is_dir() else None
+    if last:
+        print(f"resuming from {last}", flush=True)
+    trainer.train(resume_from_checkpoint=last)
+    started = time.time()
+    # The best epoch's weights are loaded (load_best_model_at_end); evaluate them as the recipe does.
+    valid = evaluate_stream(trainer.model, streams["valid"], VALID_BATCH, args.bptt)
+    test = evaluate_stream(trainer.model, streams["test"], TEST_BATCH, args.bptt)
+    curve = epoch_curve(trainer.state.log_history)
+    record = {
+        "experiment": "ptb", "preset": args.preset, "optimizer": args.optimizer, "seed": args.seed,
+        "command": [sys.executable, "hf_examples/run_language_modeling.py", *argv],
+        "config": {"lr": args.lr, "eta": args.eta if args.optimizer == "softadam" else None,
+                   "momentum": args.momentum if args.optimizer == "sgd" else None,
+                   "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler,
+                   "warmup_steps": args.warmup_steps, "epochs": args.epochs, "bptt": args.bptt,
+                   "batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
+                   "steps": num_training_steps, "model": config.to_diff_dict()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "epochs": curve, "best_epoch": min(curve, key=lambda e: e["valid_loss"])["epoch"] if curve else None,
+        "valid_loss": valid["loss"], "valid_ppl": valid["ppl"], "test_loss": test["loss"], "test_ppl": test["ppl"],
+        "tokens": {split: int(s.numel()) for split, s in streams.items()},
+        "train_seconds": curve[-1]["wall_seconds"] if curve else None, "eval_seconds": time.time() - started,
+    }
+    write_record(path, record)
+    trainer.save_model(str(args.output_dir / "best"))
+    print(f"{args.optimizer}-seed{args.seed}: valid ppl {valid['ppl']:.2f}, test ppl {test['ppl']:.2f} -> {path}")
+    return 0
+
+
+def train_gpt2(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_size: int) -> int:
+    def blocks(stream: torch.Tensor) -> list[dict]:
+        n = stream.numel() // args.block_size * args.block_size
+        return [{"input_ids": b, "labels": b} for b in stream[:n].view(-1, args.block_size)]
+
+    config = GPT2Config(vocab_size=vocab_size, n_positions=args.block_size, n_embd=args.hidden_size,
+                        n_layer=args.layers, n_head=args.heads, resid_pdrop=args.dropout,
+                        embd_pdrop=args.dropout, attn_pdrop=args.dropout, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    training_args = training_arguments(
+        args, max_steps=args.max_steps, per_device_eval_batch_size=args.batch_size, save_strategy="steps",
+        save_steps=args.max_steps, save_total_limit=2, logging_steps=max(1, min(50, args.max_steps // 10)),
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=blocks(streams["train"]),
+                      data_collator=default_data_collator, optimizers=optimizers_from_cli(args, model, training_args))
+    last = get_last_checkpoint(str(args.output_dir)) if args.output_dir.is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
     metrics = {"optimizer": args.optimizer, "model": args.model}
     for split in ("valid", "test"):
-        loss = trainer.evaluate(blocks[split], metric_key_prefix=split)[f"{split}_loss"]
+        loss = trainer.evaluate(blocks(streams[split]), metric_key_prefix=split)[f"{split}_loss"]
         metrics[f"{split}_loss"], metrics[f"{split}_ppl"] = loss, math.exp(min(loss, 50.0))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"valid ppl {metrics['valid_ppl']:.2f}  test ppl {metrics['test_ppl']:.2f}  -> {args.output_dir / 'metrics.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        files = ptb_files(args.data_dir, verify=not args.no_verify)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    raw = load_text(files)
+    tokenizer = word_tokenizer(raw["train"]["text"])
+    streams = token_streams(raw, tokenizer)
+    print(f"PTB from {files['train'].parent}: vocabulary {len(tokenizer):,}, tokens "
+          + " / ".join(f"{split} {s.numel():,}" for split, s in streams.items()), flush=True)
+    if args.model == "awd_lstm":
+        return train_awd_lstm(args, streams, len(tokenizer), argv)
+    return train_gpt2(args, streams, len(tokenizer))
 
 
 if __name__ == "__main__":

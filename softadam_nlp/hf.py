@@ -197,7 +197,7 @@ def create_optimizer_and_scheduler(
     return optimizer, create_scheduler(optimizer, args, num_training_steps, lr_scheduler_type)
 
 
-OPTIMIZER_NAMES = ("softadam", "adamw", "sgd")
+OPTIMIZER_NAMES = ("softadam", "adamw", "adam", "sgd")
 
 
 def build_optimizers(
@@ -212,8 +212,9 @@ def build_optimizers(
     """``(optimizer, schedule)`` by name, so that baselines run through the same code.
 
     ``softadam`` is :func:`create_optimizer_and_scheduler`; ``adamw`` is torch's AdamW
-    with ``args``' betas and eps; ``sgd`` is torch's SGD with ``momentum``. All use
-    Trainer's weight-decay groups and the same schedule choice.
+    and ``adam`` torch's Adam (weight decay added to the gradient, as the AWD-LSTM
+    recipe's Adam does), both with ``args``' betas and eps; ``sgd`` is torch's SGD with
+    ``momentum``. All use Trainer's weight-decay groups and the same schedule choice.
     """
     if name == "softadam":
         return create_optimizer_and_scheduler(model, args, num_training_steps, lr_scheduler_type, **softadam_kwargs)
@@ -222,6 +223,10 @@ def build_optimizers(
     groups = decay_parameter_groups(model, args.weight_decay)
     if name == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+        )
+    elif name == "adam":
+        optimizer = torch.optim.Adam(
             groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
         )
     elif name == "sgd":
@@ -237,11 +242,17 @@ def available_reporters() -> str:
     return "tensorboard" if has_tensorboard else "none"
 
 
-def add_optimizer_arguments(parser: argparse.ArgumentParser, *, lr: float, weight_decay: float) -> None:
-    """The optimizer options the example scripts share (read by :func:`optimizers_from_cli`)."""
+def add_optimizer_arguments(
+    parser: argparse.ArgumentParser, *, lr: Optional[float], weight_decay: float, momentum: Optional[float] = 0.9,
+) -> None:
+    """The optimizer options the example scripts share (read by :func:`optimizers_from_cli`).
+    ``lr=None`` or ``momentum=None``: the script fills them in (e.g. from a preset)."""
     group = parser.add_argument_group("optimizer")
     group.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="softadam")
-    group.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
+    group.add_argument("--lr", type=float, default=lr,
+                       help=f"peak learning rate (default: {lr if lr is not None else 'per optimizer and preset'})")
+    group.add_argument("--momentum", type=float, default=momentum,
+                       help=f"SGD's momentum (default: {momentum if momentum is not None else 'per preset'})")
     group.add_argument("--eta", type=float, default=1.0, help="SoftAdam's eta (default: 1.0)")
     group.add_argument("--weight-decay", type=float, default=weight_decay)
     group.add_argument("--lr-scheduler", choices=SCHEDULE_NAMES, default="linear")
@@ -255,8 +266,15 @@ def trainer_schedule_name(cli_args: argparse.Namespace) -> str:
 
 
 def optimizers_from_cli(
-    cli_args: argparse.Namespace, model: torch.nn.Module, training_args: TrainingArguments
+    cli_args: argparse.Namespace,
+    model: torch.nn.Module,
+    training_args: TrainingArguments,
+    num_training_steps: Optional[int] = None,
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
-    """``Trainer(optimizers=...)`` from the options of :func:`add_optimizer_arguments`."""
+    """``Trainer(optimizers=...)`` from the options of :func:`add_optimizer_arguments`;
+    ``num_training_steps`` as in :func:`create_scheduler` (default: ``max_steps``)."""
     extra = {"eta": cli_args.eta} if cli_args.optimizer == "softadam" else {}
-    return build_optimizers(cli_args.optimizer, model, training_args, lr_scheduler_type=cli_args.lr_scheduler, **extra)
+    if cli_args.optimizer == "sgd":
+        extra = {"momentum": cli_args.momentum}
+    return build_optimizers(cli_args.optimizer, model, training_args, num_training_steps,
+                            lr_scheduler_type=cli_args.lr_scheduler, **extra)

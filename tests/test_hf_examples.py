@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 from pathlib import Path
@@ -66,8 +67,8 @@ def test_run_translation_reports_bleu(tmp_path: Path) -> None:
 def test_run_language_modeling_reports_perplexity(tmp_path: Path) -> None:
     write_ptb_layout(tmp_path / "ptb")
     out = tmp_path / "out"
-    run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--hidden-size", 32, "--layers", 1,
-                "--heads", 2, "--block-size", 32, "--max-steps", 100, "--dropout", 0, "--output-dir", out)
+    run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify", "--model", "gpt2",
+                "--hidden-size", 32, "--layers", 1, "--heads", 2, "--block-size", 32, "--max-steps", 100, "--dropout", 0, "--output-dir", out)
     metrics = json.loads((out / "metrics.json").read_text())
     # 31 types (30 words + <eos>): guessing uniformly scores 31; the chain allows about 2.
     assert metrics["valid_ppl"] < 10 and metrics["test_ppl"] < 10, metrics
@@ -76,13 +77,52 @@ def test_run_language_modeling_reports_perplexity(tmp_path: Path) -> None:
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 3e-3), ("sgd", 0.5)])
 def test_baselines_run_through_the_same_script(tmp_path: Path, optimizer: str, lr: float) -> None:
     write_ptb_layout(tmp_path / "ptb")
-    run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--hidden-size", 32, "--layers", 1,
-                "--heads", 2, "--block-size", 32, "--max-steps", 60, "--dropout", 0, "--optimizer", optimizer,
+    run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify", "--model", "gpt2",
+                "--hidden-size", 32, "--layers", 1, "--heads", 2, "--block-size", 32, "--max-steps", 60, "--dropout", 0, "--optimizer", optimizer,
                 "--lr", lr, "--lr-scheduler", "step", "--warmup-steps", 0.1, "--output-dir", tmp_path / "out")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["optimizer"] == optimizer and metrics["valid_ppl"] < 31
 
 
+def test_awd_lstm_run_writes_a_record_reports_and_skips_finished_runs(tmp_path: Path) -> None:
+    write_ptb_layout(tmp_path / "ptb")
+    results, work = tmp_path / "results", tmp_path / "work"
+    common = ("--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "tiny", "--epochs", 8, "--results", results)
+    result = run_example("run_language_modeling.py", *common, "--optimizer", "softadam", "--output-dir", work)
+    record = json.loads((results / "tiny" / "softadam-seed1.json").read_text())
+    assert record["experiment"] == "ptb" and record["optimizer"] == "softadam" and record["seed"] == 1
+    assert record["config"]["model"]["weight_drop"] == 0.6  # the paper's SoftAdam setting
+    assert record["config"]["lr_scheduler"] == "step" and record["config"]["warmup_steps"] == 0
+    assert [e["epoch"] for e in record["epochs"]] == list(range(1, 9))
+    assert all(e["train_loss"] > 0 and e["wall_seconds"] > 0 for e in record["epochs"])
+    # Perplexity over the whole splits: 31 types (uniform guessing: 31), the chain allows about 2.
+    assert record["valid_ppl"] < 10 and record["test_ppl"] < 10, record
+    assert record["tokens"]["valid"] > 500 and record["valid_ppl"] == pytest.approx(math.exp(record["valid_loss"]))
+    # The best epoch is what gets evaluated at the end.
+    best = min(record["epochs"], key=lambda e: e["valid_loss"])
+    assert record["valid_loss"] == pytest.approx(best["valid_loss"], rel=1e-6)
+    assert f"valid ppl {record['valid_ppl']:.2f}" in result.stdout
+    again = run_example("run_language_modeling.py", *common, "--optimizer", "softadam", "--output-dir", work)
+    assert "exists: skipping" in again.stdout
+    # A run whose record is missing (crashed after its last checkpoint) resumes.
+    (results / "tiny" / "softadam-seed1.json").unlink()
+    resumed = run_example("run_language_modeling.py", *common, "--optimizer", "softadam", "--output-dir", work)
+    assert "resuming from" in resumed.stdout and (results / "tiny" / "softadam-seed1.json").exists()
+    run_example("run_language_modeling.py", *common, "--optimizer", "sgd", "--output-dir", tmp_path / "work-sgd")
+    report = run_repo_script("scripts/report.py", "--experiment", "ptb", "--records", results,
+                             "--plot", tmp_path / "ptb.png")
+    assert report.returncode == 0, report.stderr
+    assert "| sgd | 1 |" in report.stdout and "| softadam | 1 |" in report.stdout and "63.63" in report.stdout
+    assert (tmp_path / "ptb.png").stat().st_size > 10_000
+
+
 def test_missing_data_fails_clearly(tmp_path: Path) -> None:
     result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path)
     assert result.returncode == 2 and "ptb.train.txt" in result.stderr
+
+
+def test_ptb_with_the_wrong_md5_fails_clearly(tmp_path: Path) -> None:
+    write_ptb_layout(tmp_path / "ptb")
+    result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path / "ptb")
+    assert result.returncode == 2 and "expected f26c4b92c5fdc7b3f8c7cdcb991d8420" in result.stderr
+    assert "--no-verify" in result.stderr

@@ -64,10 +64,11 @@ class PTBCorpus:
         return len(self.vocab)
 
 
-def load_ptb(data_dir: Optional[os.PathLike] = None, verify: bool = True) -> PTBCorpus:
-    """Load PTB, checking md5 sums (``verify=False`` skips them for other copies)."""
+def ptb_files(data_dir: Optional[os.PathLike] = None, verify: bool = True) -> dict[str, Path]:
+    """``{split: path}`` of ptb.{train,valid,test}.txt, each checked against its canonical
+    md5 (``verify=False`` skips the check, for other copies or generated test data)."""
     directory = find_ptb_dir(data_dir)
-    texts = {}
+    files = {}
     for split in SPLITS:
         path = directory / f"ptb.{split}.txt"
         if not path.is_file():
@@ -75,10 +76,18 @@ def load_ptb(data_dir: Optional[os.PathLike] = None, verify: bool = True) -> PTB
         if verify and md5sum(path) != PTB_MD5[split]:
             raise ValueError(
                 f"{path} has md5 {md5sum(path)}, expected {PTB_MD5[split]} (Mikolov's PTB). "
-                "The file is truncated or a different version; re-fetch it, or pass verify=False "
-                "knowingly."
+                "The file is truncated or a different version; re-fetch it, or skip the check "
+                "(verify=False, --no-verify) knowingly."
             )
-        texts[split] = path.read_text()
+        files[split] = path
+    return files
+
+
+def load_ptb(data_dir: Optional[os.PathLike] = None, verify: bool = True) -> PTBCorpus:
+    """Load PTB, checking md5 sums (``verify=False`` skips them for other copies)."""
+    files = ptb_files(data_dir, verify)
+    directory = files["train"].parent
+    texts = {split: path.read_text() for split, path in files.items()}
     # The vocabulary is the training set's words in order of first appearance (the
     # order the AWD-LSTM code uses), plus <eos>.
     index: dict[str, int] = {}

@@ -1,0 +1,1 @@
+"""Models for the paper's experiments."""
