@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from softadam_nlp.experiments.fairseq_runs import (
-    average_checkpoints, detokenized_bleu, epoch_checkpoints, epoch_curves, fairseq_tool,
+    average_checkpoints, checkpoints_to_average, detokenized_bleu, epoch_curves, fairseq_tool,
     finished_updates, parse_fairseq_log, parse_generate_output,
 )
 from softadam_nlp.experiments.records import record_path as make_record_path, write_record
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training already finished in {work}: evaluating", flush=True)
     eval_started = time.time()
     curve = epoch_curves(parse_fairseq_log((work / "train.log").read_text().splitlines()))
-    # A run shorter than one epoch has no epoch checkpoint: evaluate its last one.
-    checkpoints = epoch_checkpoints(work / "checkpoints")[-args.average_last:] or [work / "checkpoints" / "checkpoint_last.pt"]
+    checkpoints = checkpoints_to_average(work / "checkpoints", args.average_last)
     averaged = average_checkpoints(checkpoints, work / "checkpoint_averaged.pt")
     valid = validate(args, averaged)
     # Outputs are capped at 1.2 x source + 10 tokens: a weak model's degenerate

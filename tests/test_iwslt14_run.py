@@ -13,7 +13,7 @@ import torch
 
 from fairseq_cli import run_tool, write_reversal_corpus
 from softadam_nlp.experiments.fairseq_runs import (
-    average_checkpoints, detokenized_bleu, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
+    average_checkpoints, checkpoints_to_average, detokenized_bleu, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
 )
 from softadam_nlp.experiments.reporting import markdown_table
 
@@ -77,6 +77,21 @@ def test_average_checkpoints(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["checkpoint1.pt", "checkpoint2.pt", "checkpoint3.pt"]
     averaged = torch.load(average_checkpoints(paths[-2:], tmp_path / "avg.pt"), weights_only=False)
     assert averaged["model"]["w"].tolist() == [4.0, 4.0] and averaged["extra"] == 3
+
+
+def test_checkpoints_to_average_include_a_mid_epoch_end_of_training(tmp_path: Path) -> None:
+    def save(name: str, updates: int) -> None:
+        torch.save({"optimizer_history": [{"num_updates": updates}]}, tmp_path / name)
+
+    for epoch in (1, 2, 3):
+        save(f"checkpoint{epoch}.pt", 100 * epoch)
+    save("checkpoint_last.pt", 300)  # training ended with epoch 3
+    assert [p.name for p in checkpoints_to_average(tmp_path, 2)] == ["checkpoint2.pt", "checkpoint3.pt"]
+    save("checkpoint_last.pt", 340)  # --max-update stopped inside epoch 4
+    assert [p.name for p in checkpoints_to_average(tmp_path, 2)] == ["checkpoint3.pt", "checkpoint_last.pt"]
+    for epoch in (1, 2, 3):
+        (tmp_path / f"checkpoint{epoch}.pt").unlink()
+    assert [p.name for p in checkpoints_to_average(tmp_path, 5)] == ["checkpoint_last.pt"]  # under one epoch
 
 
 def test_log_and_generate_parsing() -> None:

@@ -72,6 +72,19 @@ def epoch_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoints_to_average(checkpoint_dir: Path, last: int) -> list[Path]:
+    """The ``last`` newest checkpoints of a run: its epoch checkpoints, plus
+    checkpoint_last.pt when training stopped mid-epoch (--max-update), since fairseq then
+    writes no epoch checkpoint for the final updates and averaging would leave them out."""
+    if last < 1:
+        raise ValueError(f"last must be >= 1, got {last}")
+    found = epoch_checkpoints(checkpoint_dir)
+    final = checkpoint_dir / "checkpoint_last.pt"
+    if final.exists() and (not found or finished_updates(final) > finished_updates(found[-1])):
+        found.append(final)
+    return found[-last:]
+
+
 def average_checkpoints(paths: Sequence[Path], output: Path) -> Path:
     """Average the model parameters of ``paths`` (as fairseq's average_checkpoints.py does)
     into ``output``; everything else is taken from the last checkpoint."""
