@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from softadam_nlp.experiments.fairseq_runs import (
-    average_checkpoints, checkpoints_to_average, detokenized_bleu, epoch_curves, fairseq_tool,
+    average_checkpoints, checkpoints_to_average, detokenized_bleu, divergence, epoch_curves, fairseq_tool,
     finished_updates, parse_fairseq_log, parse_generate_output,
 )
 from softadam_nlp.experiments.records import record_path as make_record_path, write_record
@@ -82,16 +82,22 @@ def train_command(args: argparse.Namespace, save_dir: Path, log_file: Path) -> l
         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
         "--max-tokens", str(budget["max_tokens"]), "--seed", str(args.seed),
         "--save-dir", str(save_dir), "--keep-last-epochs", str(args.average_last),
-        "--log-format", "json", "--log-interval", "50", "--log-file", str(log_file),
+        "--log-format", "json", "--log-interval", str(max(1, min(50, max_update // 10))), "--log-file", str(log_file),
         *(["--cpu"] if not torch.cuda.is_available() else []),
     ]
+
+
+class ToolFailed(RuntimeError):
+    def __init__(self, command: list[str], result: subprocess.CompletedProcess):
+        super().__init__(f"{Path(command[0]).name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        self.stderr = result.stderr
 
 
 def run(command: list[str]) -> str:
     print("+ " + " ".join(command), flush=True)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{Path(command[0]).name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        raise ToolFailed(command, result)
     return result.stdout + result.stderr
 
 
@@ -135,7 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     command = train_command(args, work / "checkpoints", work / "train.log")
     max_update = int(command[command.index("--max-update") + 1])
     if finished_updates(work / "checkpoints" / "checkpoint_last.pt") < max_update:
-        run(command)  # resumes from work/checkpoints/checkpoint_last.pt after a crash
+        try:
+            run(command)  # resumes from work/checkpoints/checkpoint_last.pt after a crash
+        except ToolFailed as failure:
+            # fairseq-fixed reruns a step with non-finite gradients under its NaN detector,
+            # which then crashes inside torch (StopIteration): say what happened instead.
+            log = (work / "train.log").read_text().splitlines() if (work / "train.log").exists() else []
+            diverged = divergence(parse_fairseq_log(log))
+            if diverged is None and "gradients are Nan/Inf" not in failure.stderr:
+                raise
+            where = (f": loss {diverged['loss']} at update {diverged['num_updates']} (lr {diverged['lr']})"
+                     if diverged else " (non-finite gradients)")
+            print(f"error: training diverged{where}; no record written. Try a lower --lr. "
+                  f"Log: {work / 'train.log'}", file=sys.stderr)
+            return 3
     else:
         print(f"training already finished in {work}: evaluating", flush=True)
     eval_started = time.time()

@@ -13,7 +13,7 @@ import torch
 
 from fairseq_cli import run_tool, write_reversal_corpus
 from softadam_nlp.experiments.fairseq_runs import (
-    average_checkpoints, checkpoints_to_average, detokenized_bleu, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
+    average_checkpoints, checkpoints_to_average, detokenized_bleu, divergence, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
 )
 from softadam_nlp.experiments.reporting import markdown_table
 
@@ -63,6 +63,14 @@ def test_run_writes_a_complete_record_and_skips_finished_runs(data_bin: Path, tm
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
+def test_a_diverging_run_says_so_and_leaves_no_record(data_bin: Path, tmp_path: Path) -> None:
+    result = run_script("run_iwslt14.py", "--optimizer", "sgd", "--lr", "1e6", "--preset", "tiny", "--data-bin", data_bin,
+                        "--results", tmp_path / "results", "--work-dir", tmp_path / "work")
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "error: training diverged" in result.stderr and "lower --lr" in result.stderr
+    assert not (tmp_path / "results" / "tiny" / "sgd-seed1.json").exists()
+
+
 def test_missing_data_bin_is_reported(tmp_path: Path) -> None:
     result = run_script("run_iwslt14.py", "--optimizer", "softadam", "--data-bin", tmp_path)
     assert result.returncode == 2 and "prepare_iwslt14.py" in result.stderr
@@ -77,6 +85,15 @@ def test_average_checkpoints(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["checkpoint1.pt", "checkpoint2.pt", "checkpoint3.pt"]
     averaged = torch.load(average_checkpoints(paths[-2:], tmp_path / "avg.pt"), weights_only=False)
     assert averaged["model"]["w"].tolist() == [4.0, 4.0] and averaged["extra"] == 3
+
+
+def test_divergence_is_found_in_the_log() -> None:
+    log = ['{"epoch": 1, "loss": "9.1", "ppl": "548.7", "num_updates": "50", "lr": "0.5"}',
+           '{"epoch": 1, "loss": "20831.9", "ppl": "inf", "num_updates": "100", "lr": "1.0"}',
+           '{"epoch": 1, "loss": "nan", "ppl": "nan", "num_updates": "150", "lr": "1.0"}']
+    assert divergence(parse_fairseq_log(log[:1])) is None
+    assert divergence(parse_fairseq_log(log)) == {"num_updates": 100, "loss": "20831.9", "lr": "1.0"}
+    assert parse_fairseq_log(log)["train"] == []  # interval records are not epoch summaries
 
 
 def test_checkpoints_to_average_include_a_mid_epoch_end_of_training(tmp_path: Path) -> None:

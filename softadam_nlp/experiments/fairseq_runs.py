@@ -29,7 +29,7 @@ def parse_fairseq_log(lines: Iterable[str]) -> dict[str, list[dict]]:
     Reads both the console form (``... | train | {json}``) and the bare JSON lines of a
     ``--log-file``; a record is an epoch's train or valid summary by its keys.
     """
-    records: dict[str, list[dict]] = {"train": [], "valid": []}
+    records: dict[str, list[dict]] = {"train": [], "valid": [], "train_inner": []}
     for line in lines:
         start = line.find('{"')
         if start < 0:
@@ -42,7 +42,19 @@ def parse_fairseq_log(lines: Iterable[str]) -> dict[str, list[dict]]:
             records["train"].append(record)
         elif "valid_loss" in record:
             records["valid"].append(record)
+        elif "loss" in record and "num_updates" in record:  # every --log-interval updates
+            records["train_inner"].append(record)
     return records
+
+
+def divergence(records: dict[str, list[dict]]) -> dict | None:
+    """The first logged training interval whose loss or perplexity is not finite
+    (``{"num_updates", "loss", "lr"}``), or None. fairseq-fixed's NaN detector then
+    crashes with a StopIteration from inside torch instead of saying so."""
+    for record in records.get("train_inner", []):
+        if not all(math.isfinite(float(record.get(key, 0))) for key in ("loss", "ppl")):
+            return {"num_updates": int(record["num_updates"]), "loss": record["loss"], "lr": record.get("lr")}
+    return None
 
 
 def epoch_curves(records: dict[str, list[dict]]) -> list[dict]:
