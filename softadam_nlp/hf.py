@@ -243,10 +243,15 @@ def available_reporters() -> str:
 
 
 def add_optimizer_arguments(
-    parser: argparse.ArgumentParser, *, lr: Optional[float], weight_decay: float, momentum: Optional[float] = 0.9,
+    parser: argparse.ArgumentParser,
+    *,
+    lr: Optional[float],
+    weight_decay: float,
+    momentum: Optional[float] = 0.9,
+    lr_scheduler: Optional[str] = "linear",
 ) -> None:
     """The optimizer options the example scripts share (read by :func:`optimizers_from_cli`).
-    ``lr=None`` or ``momentum=None``: the script fills them in (e.g. from a preset)."""
+    A default of None (lr, momentum, lr_scheduler): the script fills it in (e.g. from a preset)."""
     group = parser.add_argument_group("optimizer")
     group.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="softadam")
     group.add_argument("--lr", type=float, default=lr,
@@ -255,7 +260,8 @@ def add_optimizer_arguments(
                        help=f"SGD's momentum (default: {momentum if momentum is not None else 'per preset'})")
     group.add_argument("--eta", type=float, default=1.0, help="SoftAdam's eta (default: 1.0)")
     group.add_argument("--weight-decay", type=float, default=weight_decay)
-    group.add_argument("--lr-scheduler", choices=SCHEDULE_NAMES, default="linear")
+    group.add_argument("--lr-scheduler", choices=SCHEDULE_NAMES, default=lr_scheduler,
+                       help=f"default: {lr_scheduler or 'per model'}")
     group.add_argument("--warmup-steps", type=float, default=0, help=">= 1: steps; < 1: fraction of training")
 
 
