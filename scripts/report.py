@@ -23,12 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records", type=Path, required=True, help="folder of run records (*.json, searched recursively)")
     p.add_argument("--plot", type=Path, default=None, help="write the curves to this PNG")
     p.add_argument("--title", default=None)
+    p.add_argument("--by-lr", action="store_true", help="one row per optimizer and learning rate (an lr sweep)")
     args = p.parse_args(argv)
     records = [r for r in load_records(args.records) if r.get("experiment", args.experiment) == args.experiment]
     if not records:
         print(f"error: no {args.experiment} records under {args.records}", file=sys.stderr)
         return 2
-    print(markdown_table(records, args.experiment))
+    print(markdown_table(records, args.experiment, by_lr=args.by_lr))
     if args.plot:
         plot_valid_curves(records, args.plot, args.title or f"{args.experiment}: validation perplexity")
         print(f"plot: {args.plot}")

@@ -129,3 +129,13 @@ def test_markdown_table_mean_std_and_paper_columns() -> None:
                for v, b in ((5.0, 30.0), (7.0, 32.0))]
     table = markdown_table(records, "iwslt14")
     assert "| sgd | 2 | 6.00 ± 1.41 | 4.14 | 31.00 ± 1.41 | 31.43 | 31.00 ± 1.41 |" in table
+
+
+def test_sweep_table_has_a_row_per_learning_rate() -> None:
+    def record(lr: float, ppl: float) -> dict:
+        return {"optimizer": "softadam", "command": ["fairseq-train", "--lr", str(lr)], "valid_ppl": ppl,
+                "tokenized_bleu": 1.0, "sacrebleu": 1.0, "epochs": [{"valid_ppl": ppl + 10}, {"valid_ppl": ppl + 1}]}
+
+    table = markdown_table([record(0.3, 50.0), record(1.0, 80.0), record(0.3, 52.0)], "iwslt14", by_lr=True)
+    assert "| softadam | 0.3 | 2 | 52.00 ± 1.41 | 51.00 ± 1.41 | 4.02 |" in table
+    assert "| softadam | 1 | 1 | 81.00 | 80.00 | 4.02 |" in table

@@ -35,27 +35,48 @@ def load_records(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.rglob("*.json"))]
 
 
+def learning_rate(record: dict) -> float | None:
+    """The run's peak learning rate: ``config.lr`` (Trainer runs) or ``--lr`` of its command (fairseq)."""
+    if record.get("config", {}).get("lr") is not None:
+        return float(record["config"]["lr"])
+    command = record.get("command", [])
+    return float(command[command.index("--lr") + 1]) if "--lr" in command else None
+
+
+def last_epoch_valid_ppl(record: dict) -> float | None:
+    """Validation perplexity logged at the last epoch (the final weights, not averaged or best)."""
+    values = [e["valid_ppl"] for e in record.get("epochs", []) if "valid_ppl" in e]
+    return values[-1] if values else None
+
+
 def mean_std(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def markdown_table(records: list[dict], experiment: str) -> str:
-    """One row per optimizer: mean ± std over seeds (n runs), the paper's figure beside each."""
+def markdown_table(records: list[dict], experiment: str, by_lr: bool = False) -> str:
+    """One row per optimizer: mean ± std over seeds (n runs), the paper's figure beside each.
+    ``by_lr``: one row per optimizer and learning rate (a sweep), with the last epoch's
+    validation perplexity beside the final one."""
     by_optimizer: dict[str, list[dict]] = defaultdict(list)
     for record in records:
-        by_optimizer[record["optimizer"]].append(record)
-    header = ["optimizer", "runs"]
+        by_optimizer[(record["optimizer"], learning_rate(record)) if by_lr else record["optimizer"]].append(record)
+    header = ["optimizer", "lr", "runs", "last-epoch val ppl"] if by_lr else ["optimizer", "runs"]
     for _, title, paper_key in COLUMNS[experiment]:
         header.append(title)
         if paper_key:
             header.append(f"paper {title.split(' (')[0]}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    order = sorted(by_optimizer, key=lambda o: (OPTIMIZER_ORDER.index(o) if o in OPTIMIZER_ORDER else 99, o))
-    for optimizer in order:
-        runs = by_optimizer[optimizer]
-        row = [optimizer, str(len(runs))]
+    def rank(key):
+        optimizer = key[0] if by_lr else key
+        return (OPTIMIZER_ORDER.index(optimizer) if optimizer in OPTIMIZER_ORDER else 99, key)
+
+    for key in sorted(by_optimizer, key=rank):
+        runs = by_optimizer[key]
+        optimizer = key[0] if by_lr else key
+        row = [optimizer, f"{key[1]:g}", str(len(runs)), mean_std([last_epoch_valid_ppl(r) for r in runs])] \
+            if by_lr else [optimizer, str(len(runs))]
         for key, _, paper_key in COLUMNS[experiment]:
             row.append(mean_std([r[key] for r in runs]))
             if paper_key:
