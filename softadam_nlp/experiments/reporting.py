@@ -92,6 +92,7 @@ def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
@@ -103,6 +104,7 @@ def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
         epochs = sorted(curves[optimizer])
         ax.plot(epochs, [statistics.mean(curves[optimizer][e]) for e in epochs], marker=".", label=optimizer)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation perplexity (mean over seeds)")
     ax.set_yscale("log")
     ax.set_title(title)
