@@ -52,7 +52,7 @@ from softadam_nlp.models.awd_lstm import AWDLSTMConfig, AWDLSTMForLanguageModeli
 REPO = Path(__file__).resolve().parents[1]
 
 # AWD-LSTM presets. Dropouts not listed keep AWDLSTMConfig's recipe values.
-# cpu: meant to fit about 20 minutes on the 2-core build machine; not yet timed alone (docs/RESULTS.md).
+# cpu: about 14 minutes alone on the 2-core build machine (docs/RESULTS.md).
 PRESETS = {
     "paper": {"model": {"embedding_size": 400, "hidden_size": 1150, "num_layers": 3},
               "epochs": 500, "batch_size": 20, "bptt": 70},
