@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from softadam_nlp.experiments.bptt import (
-    BPTTSegments, BPTTTrainer, batchify_streams, draw_segment_lengths, epoch_segment_lengths, evaluate_stream,
+    BPTTSegments, BPTTTrainer, batchify_streams, draw_segment_length, epoch_segment_lengths, evaluate_stream,
     segment_count,
 )
 from softadam_nlp.models.awd_lstm import (
@@ -157,7 +157,7 @@ def test_batchify_streams_by_hand() -> None:
 
 def test_segment_lengths_follow_the_recipe_and_cover_the_stream() -> None:
     rng = np.random.default_rng(0)
-    drawn = np.array([draw_segment_lengths(rng, 70) for _ in range(20_000)])
+    drawn = np.array([draw_segment_length(rng, 70) for _ in range(20_000)])
     assert drawn.min() >= 5
     short = drawn < 52  # bptt/2 = 35 with std 5, far from 70
     assert 0.04 < short.mean() < 0.06

@@ -32,23 +32,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback
 
+from softadam_nlp.data.ptb import batchify
+
 LONG_SEGMENT_PROBABILITY = 0.95
 LENGTH_NOISE_STD = 5.0
 MIN_SEGMENT = 5
 
 
 def batchify_streams(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``batch_size`` contiguous streams, batch-first ``(batch, length)``; the
-    ``len % batch_size`` trailing tokens are dropped, as in the recipe."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    length = tokens.numel() // batch_size
-    if length < 2:
+    """``batch_size`` contiguous streams, batch-first ``(batch, length)``: the demo's
+    :func:`~softadam_nlp.data.ptb.batchify` transposed (the ``len % batch_size``
+    trailing tokens are dropped, as in the recipe)."""
+    streams = batchify(tokens, batch_size).t()
+    if streams.size(1) < 2:
         raise ValueError(f"{tokens.numel()} tokens are too few for {batch_size} streams")
-    return tokens[: length * batch_size].view(batch_size, length)
+    return streams
 
 
-def draw_segment_lengths(rng: np.random.Generator, bptt: int) -> int:
+def draw_segment_length(rng: np.random.Generator, bptt: int) -> int:
     """One segment length from the recipe's distribution."""
     base = bptt if rng.random() < LONG_SEGMENT_PROBABILITY else bptt / 2
     return max(MIN_SEGMENT, int(rng.normal(base, LENGTH_NOISE_STD)))
@@ -73,7 +74,7 @@ def epoch_segment_lengths(predictions: int, bptt: int, seed: int, epoch: int) ->
     stream). Their count (:func:`segment_count`) does not depend on the epoch."""
     count = segment_count(predictions, bptt)
     rng = np.random.default_rng([seed, epoch])
-    drawn = np.array([draw_segment_lengths(rng, bptt) for _ in range(count)], dtype=np.float64)
+    drawn = np.array([draw_segment_length(rng, bptt) for _ in range(count)], dtype=np.float64)
     # Stretch to cover the stream exactly: floor, then hand the remainder to the
     # largest fractional parts; every segment keeps at least one token.
     scaled = drawn * predictions / drawn.sum()
