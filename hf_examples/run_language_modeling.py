@@ -8,7 +8,9 @@ The paper's Table 2 (3-layer AWD-LSTM, Merity et al. 2017):
 
 Data: Mikolov's ptb.{train,valid,test}.txt from --data-dir (default: $SOFTADAM_DATA_DIR
 or ../shared/data/ptb), loaded with `datasets` and checked against the canonical md5s
-(--no-verify for other text in the same layout). The vocabulary is the training
+(--no-verify for other text in the same layout); or, where the hub is reachable,
+--hub-dataset loads the hub's copy (ptb-text-only/ptb_text_only), checked against the
+same md5s. The vocabulary is the training
 words plus <eos> (a word-level `tokenizers` model), so perplexities are per word.
 
 --model awd_lstm (default) trains as the AWD-LSTM recipe does, through
@@ -43,7 +45,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
 
-from softadam_nlp.data.ptb import EOS, ptb_files
+from softadam_nlp.data.ptb import EOS, PTB_HUB_DATASET, load_ptb_hub, ptb_files
 from softadam_nlp.experiments.bptt import BPTTTrainer, evaluate_stream, segments_per_epoch
 from softadam_nlp.experiments.records import record_path, write_record
 from softadam_nlp.hf import add_optimizer_arguments, available_reporters, optimizers_from_cli, trainer_schedule_name
@@ -107,6 +109,8 @@ def token_streams(raw: DatasetDict, tokenizer: PreTrainedTokenizerFast) -> dict[
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=None, help="folder with ptb.{train,valid,test}.txt")
+    p.add_argument("--hub-dataset", nargs="?", const=PTB_HUB_DATASET, default=None, metavar="NAME",
+                   help=f"load PTB from the Hugging Face hub instead of files (default name: {PTB_HUB_DATASET})")
     p.add_argument("--no-verify", action="store_true", help="skip the PTB md5 check (other text in the PTB layout)")
     p.add_argument("--model", choices=("awd_lstm", "gpt2"), default="awd_lstm")
     p.add_argument("--seed", type=int, default=1)
@@ -221,7 +225,7 @@ def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], v
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": curve, "best_epoch": min(curve, key=lambda e: e["valid_loss"])["epoch"] if curve else None,
         "valid_loss": valid["loss"], "valid_ppl": valid["ppl"], "test_loss": test["loss"], "test_ppl": test["ppl"],
-        "tokens": {split: int(s.numel()) for split, s in streams.items()},
+        "data": args.data_source, "tokens": {split: int(s.numel()) for split, s in streams.items()},
         "train_seconds": curve[-1]["wall_seconds"] if curve else None, "eval_seconds": time.time() - started,
     }
     write_record(path, record)
@@ -260,15 +264,21 @@ def train_gpt2(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.hub_dataset and args.data_dir:
+        print("error: give --data-dir or --hub-dataset, not both", file=sys.stderr)
+        return 2
     try:
-        files = ptb_files(args.data_dir, verify=not args.no_verify)
-    except (FileNotFoundError, ValueError) as error:
+        if args.hub_dataset:
+            raw, args.data_source = load_ptb_hub(args.hub_dataset, verify=not args.no_verify), args.hub_dataset
+        else:
+            files = ptb_files(args.data_dir, verify=not args.no_verify)
+            raw, args.data_source = load_text(files), str(files["train"].parent)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    raw = load_text(files)
     tokenizer = word_tokenizer(raw["train"]["text"])
     streams = token_streams(raw, tokenizer)
-    print(f"PTB from {files['train'].parent}: vocabulary {len(tokenizer):,}, tokens "
+    print(f"PTB from {args.data_source}: vocabulary {len(tokenizer):,}, tokens "
           + " / ".join(f"{split} {s.numel():,}" for split, s in streams.items()), flush=True)
     if args.model == "awd_lstm":
         return train_awd_lstm(args, streams, len(tokenizer), argv)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from repo_scripts import run_repo_script
+from softadam_nlp.data.ptb import PTB_HUB_SPLITS, load_ptb_hub, mikolov_text
 
 
 def run_example(script: str, *args: object) -> subprocess.CompletedProcess:
@@ -126,3 +127,52 @@ def test_ptb_with_the_wrong_md5_fails_clearly(tmp_path: Path) -> None:
     result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path / "ptb")
     assert result.returncode == 2 and "expected f26c4b92c5fdc7b3f8c7cdcb991d8420" in result.stderr
     assert "--no-verify" in result.stderr
+
+
+def write_hub_layout(ptb_dir: Path, hub_dir: Path, splits: dict[str, str] = PTB_HUB_SPLITS) -> None:
+    """The hub's parquet export of PTB-layout files: penn_treebank/<split>/0000.parquet, one
+    stripped "sentence" per line."""
+    import datasets
+
+    for split, hub_split in splits.items():
+        lines = (ptb_dir / f"ptb.{split}.txt").read_text().splitlines()
+        folder = hub_dir / "penn_treebank" / hub_split
+        folder.mkdir(parents=True)
+        datasets.Dataset.from_dict({"sentence": [line.strip() for line in lines]}).to_parquet(str(folder / "0000.parquet"))
+
+
+def test_hub_copy_is_checked_against_mikolovs_files(tmp_path: Path) -> None:
+    write_ptb_layout(tmp_path / "ptb")
+    write_hub_layout(tmp_path / "ptb", tmp_path / "hub")
+    # The rebuilt text is byte for byte the file, so the canonical md5s apply to the hub copy.
+    for split in ("train", "valid", "test"):
+        text = (tmp_path / "ptb" / f"ptb.{split}.txt").read_text()
+        assert mikolov_text(line.strip() for line in text.splitlines()) == text
+    raw = load_ptb_hub(str(tmp_path / "hub"), verify=False)
+    assert sorted(raw) == ["test", "train", "valid"]
+    assert raw["valid"]["text"] == [line.strip() for line in (tmp_path / "ptb" / "ptb.valid.txt").read_text().splitlines()]
+    with pytest.raises(ValueError, match="expected f26c4b92c5fdc7b3f8c7cdcb991d8420"):
+        load_ptb_hub(str(tmp_path / "hub"))
+    write_hub_layout(tmp_path / "ptb", tmp_path / "no-test", {"train": "train", "valid": "validation"})
+    with pytest.raises(ValueError, match="no 'test' split"):
+        load_ptb_hub(str(tmp_path / "no-test"), verify=False)
+
+
+def test_awd_lstm_trains_from_the_hub_copy(tmp_path: Path) -> None:
+    write_ptb_layout(tmp_path / "ptb")
+    write_hub_layout(tmp_path / "ptb", tmp_path / "hub")
+    run_example("run_language_modeling.py", "--hub-dataset", tmp_path / "hub", "--no-verify", "--preset", "tiny",
+                "--epochs", 1, "--results", tmp_path / "results", "--output-dir", tmp_path / "work")
+    record = json.loads((tmp_path / "results" / "tiny" / "softadam-seed1.json").read_text())
+    assert record["data"] == str(tmp_path / "hub")
+    # The same token streams as the files: every line plus its <eos>.
+    for split in ("train", "valid", "test"):
+        lines = (tmp_path / "ptb" / f"ptb.{split}.txt").read_text().splitlines()
+        assert record["tokens"][split] == sum(len(line.split()) + 1 for line in lines)
+
+
+def test_unreachable_hub_fails_clearly(tmp_path: Path) -> None:
+    result = run_repo_script("hf_examples/run_language_modeling.py", "--hub-dataset", "--results", tmp_path,
+                             HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "could not load ptb-text-only/ptb_text_only" in result.stderr and "--data-dir" in result.stderr

@@ -11,9 +11,12 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    import datasets
 
 SPLITS = ("train", "valid", "test")
 PTB_MD5 = {
@@ -22,6 +25,12 @@ PTB_MD5 = {
     "test": "8b80168b89c18661a38ef683c0dc3721",
 }
 EOS = "<eos>"
+# The hub copy of the same files. datasets >= 4 no longer runs the repository's loading
+# script, so we read its parquet export (one "sentence" per line, stripped).
+PTB_HUB_DATASET = "ptb-text-only/ptb_text_only"
+PTB_HUB_REVISION = "refs/convert/parquet"
+PTB_HUB_CONFIG = "penn_treebank"
+PTB_HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 DATA_DIR_ENV = "SOFTADAM_DATA_DIR"
 # Where the build machines keep shared corpora, relative to the repository root.
 _SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -47,7 +56,9 @@ def find_ptb_dir(data_dir: Optional[os.PathLike] = None) -> Path:
     raise FileNotFoundError(
         "Penn Treebank not found. Looked for ptb.train.txt in: " + looked + ". Pass --data-dir "
         f"or set {DATA_DIR_ENV} to a folder with Mikolov's ptb.train.txt, ptb.valid.txt and "
-        "ptb.test.txt (from the 'simple-examples' archive of his RNNLM toolkit)."
+        "ptb.test.txt (from the 'simple-examples' archive of his RNNLM toolkit), or, where the "
+        f"Hugging Face hub is reachable, load its copy ({PTB_HUB_DATASET}; --hub-dataset in "
+        "hf_examples/run_language_modeling.py)."
     )
 
 
@@ -81,6 +92,49 @@ def ptb_files(data_dir: Optional[os.PathLike] = None, verify: bool = True) -> di
             )
         files[split] = path
     return files
+
+
+def mikolov_text(sentences: Iterable[str]) -> str:
+    """The text of Mikolov's file holding these sentences: each line is " words \\n". The
+    hub copy stores stripped sentences; rebuilding the file lets it be checked against
+    the same canonical md5 as a local copy."""
+    return "".join(f" {sentence.strip()} \n" for sentence in sentences)
+
+
+def load_ptb_hub(name: str = PTB_HUB_DATASET, verify: bool = True) -> "datasets.DatasetDict":
+    """PTB from the Hugging Face hub as a DatasetDict {train, valid, test} with a "text"
+    column, each split checked against the canonical md5 of Mikolov's file.
+
+    ``name`` is a hub id (read at its parquet export, PTB_HUB_REVISION) or a local folder
+    with the same layout (``penn_treebank/{train,validation,test}/*.parquet``). Raises
+    ConnectionError when the hub cannot be reached and ValueError when a split is missing
+    or its text differs from Mikolov's."""
+    import datasets
+
+    local = Path(name).is_dir()
+    try:
+        hub = datasets.load_dataset(name, data_dir=PTB_HUB_CONFIG,
+                                    **({} if local else {"revision": PTB_HUB_REVISION}))
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise ConnectionError(
+            f"could not load {name} from the Hugging Face hub ({error}); use local files "
+            f"(--data-dir or {DATA_DIR_ENV}) where the hub is not reachable"
+        ) from error
+    splits = {}
+    for split, hub_split in PTB_HUB_SPLITS.items():
+        if hub_split not in hub:
+            raise ValueError(f"{name} has no {hub_split!r} split (found {sorted(hub)}); PTB needs train, validation and test")
+        sentences = hub[hub_split]["sentence"]
+        if verify:
+            digest = hashlib.md5(mikolov_text(sentences).encode()).hexdigest()
+            if digest != PTB_MD5[split]:
+                raise ValueError(
+                    f"{name} {hub_split}: the rebuilt ptb.{split}.txt has md5 {digest}, expected "
+                    f"{PTB_MD5[split]} (Mikolov's PTB). The hub copy differs from the canonical "
+                    "files; use local files, or skip the check (verify=False, --no-verify) knowingly."
+                )
+        splits[split] = datasets.Dataset.from_dict({"text": list(sentences)})
+    return datasets.DatasetDict(splits)
 
 
 def load_ptb(data_dir: Optional[os.PathLike] = None, verify: bool = True) -> PTBCorpus:
