@@ -4,7 +4,7 @@ r"""Train a word-level language model on Penn Treebank with the Trainer and Soft
 The paper's Table 2 (3-layer AWD-LSTM, Merity et al. 2017):
 
     python hf_examples/run_language_modeling.py --optimizer softadam --seed 1 --preset cpu
-    python scripts/report.py --experiment ptb --records results/ptb/cpu --plot docs/figures/ptb_cpu_valid_ppl.png
+    python scripts/report.py --experiment ptb --records results/cpu/ptb --plot docs/figures/ptb_cpu_valid_ppl.png
 
 Data: Mikolov's ptb.{train,valid,test}.txt from --data-dir (default: $SOFTADAM_DATA_DIR
 or ../shared/data/ptb), loaded with `datasets` and checked against the canonical md5s
@@ -20,7 +20,8 @@ whole-split evaluation (valid batch 10, test batch 1), the best epoch by validat
 loss kept. Presets: `paper` (the recipe's sizes, 500 epochs: a GPU run), `cpu` (a
 smaller model for about 20 minutes on 2 CPU cores), `tiny` (tests). SoftAdam uses weight
 drop 0.6 instead of 0.5, as the paper does. The run's record (same format as the IWSLT
-experiment's) goes to RESULTS/<preset>/<optimizer>-seed<N>.json when it has finished; an
+experiment's) goes to RESULTS/<optimizer>-seed<N>.json (default RESULTS: results/<preset>/ptb) when it
+has finished; an
 existing record is kept unless --force, and a crashed run resumes from its last epoch
 checkpoint in --output-dir.
 
@@ -47,7 +48,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from softadam_nlp.data.ptb import EOS, PTB_HUB_DATASET, load_ptb_hub, ptb_files
 from softadam_nlp.experiments.bptt import BPTTTrainer, evaluate_stream, segments_per_epoch
-from softadam_nlp.experiments.records import record_path, write_record
+from softadam_nlp.experiments.records import default_results, record_path, write_record
 from softadam_nlp.hf import add_optimizer_arguments, available_reporters, optimizers_from_cli, trainer_schedule_name
 from softadam_nlp.models.awd_lstm import AWDLSTMConfig, AWDLSTMForLanguageModeling
 
@@ -123,7 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     awd.add_argument("--bptt", type=int, default=None)
     awd.add_argument("--weight-drop", type=float, default=None,
                      help=f"default: the recipe's 0.5, {SOFTADAM_WEIGHT_DROP} for SoftAdam")
-    awd.add_argument("--results", type=Path, default=REPO / "results" / "ptb")
+    awd.add_argument("--results", type=Path, default=None,
+                     help="folder for the run's record (default: results/<preset>/ptb)")
     awd.add_argument("--force", action="store_true", help="rerun even if the record exists")
     gpt2 = p.add_argument_group("gpt2")
     gpt2.add_argument("--block-size", type=int, default=70, help="tokens per training sequence")
@@ -185,7 +187,7 @@ def epoch_curve(log_history: list[dict]) -> list[dict]:
 
 
 def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_size: int, argv: list[str]) -> int:
-    path = record_path(args.results, args.preset, args.optimizer, args.seed)
+    path = record_path(args.results or default_results(args.preset, "ptb"), args.optimizer, args.seed)
     if path.exists() and not args.force:
         print(f"{path} exists: skipping (--force reruns)")
         return 0

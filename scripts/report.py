@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Turn run records into a Table 2/3-shaped Markdown table and a validation-perplexity plot.
 
-    python scripts/report.py --experiment iwslt14 --records results/iwslt14/cpu \
+    python scripts/report.py --experiment iwslt14 --records results/cpu/iwslt14 \
         --plot docs/figures/iwslt14_cpu_valid_ppl.png
 
 Rows are optimizers (mean ± std over the seeds found), with the paper's figures in

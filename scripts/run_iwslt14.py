@@ -35,7 +35,7 @@ from softadam_nlp.experiments.fairseq_runs import (
     average_checkpoints, checkpoints_to_average, detokenized_bleu, divergence, epoch_curves, fairseq_tool,
     finished_updates, parse_fairseq_log, parse_generate_output,
 )
-from softadam_nlp.experiments.records import record_path as make_record_path, write_record
+from softadam_nlp.experiments.records import default_results, record_path as make_record_path, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "fairseq_plugins"
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--max-update", type=int, default=None, help="override the preset's budget")
     p.add_argument("--average-last", type=int, default=None, help="epoch checkpoints to average (preset's default)")
-    p.add_argument("--results", type=Path, default=REPO / "results" / "iwslt14")
+    p.add_argument("--results", type=Path, default=None,
+                   help="folder for the run's record (default: results/<preset>/iwslt14)")
     p.add_argument("--work-dir", type=Path, default=Path("runs/iwslt14"), help="checkpoints and logs")
     p.add_argument("--force", action="store_true", help="rerun even if the record exists")
     args = p.parse_args(argv)
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--average-last must be >= 1")
 
     name = f"{args.optimizer}-seed{args.seed}"
-    record_path = make_record_path(args.results, args.preset, args.optimizer, args.seed)
+    args.results = args.results or default_results(args.preset, "iwslt14")
+    record_path = make_record_path(args.results, args.optimizer, args.seed)
     if record_path.exists() and not args.force:
         print(f"{record_path} exists: skipping (--force reruns)")
         return 0

@@ -90,7 +90,7 @@ def test_awd_lstm_run_writes_a_record_reports_and_skips_finished_runs(tmp_path: 
     results, work = tmp_path / "results", tmp_path / "work"
     common = ("--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "tiny", "--epochs", 8, "--results", results)
     result = run_example("run_language_modeling.py", *common, "--optimizer", "softadam", "--output-dir", work)
-    record = json.loads((results / "tiny" / "softadam-seed1.json").read_text())
+    record = json.loads((results / "softadam-seed1.json").read_text())
     assert record["experiment"] == "ptb" and record["optimizer"] == "softadam" and record["seed"] == 1
     assert record["config"]["model"]["weight_drop"] == 0.6  # the paper's SoftAdam setting
     assert record["config"]["lr_scheduler"] == "step" and record["config"]["warmup_steps"] == 0
@@ -106,9 +106,9 @@ def test_awd_lstm_run_writes_a_record_reports_and_skips_finished_runs(tmp_path: 
     again = run_example("run_language_modeling.py", *common, "--optimizer", "softadam", "--output-dir", work)
     assert "exists: skipping" in again.stdout
     # A run whose record is missing (crashed after its last checkpoint) resumes.
-    (results / "tiny" / "softadam-seed1.json").unlink()
+    (results / "softadam-seed1.json").unlink()
     resumed = run_example("run_language_modeling.py", *common, "--optimizer", "softadam", "--output-dir", work)
-    assert "resuming from" in resumed.stdout and (results / "tiny" / "softadam-seed1.json").exists()
+    assert "resuming from" in resumed.stdout and (results / "softadam-seed1.json").exists()
     run_example("run_language_modeling.py", *common, "--optimizer", "sgd", "--output-dir", tmp_path / "work-sgd")
     report = run_repo_script("scripts/report.py", "--experiment", "ptb", "--records", results,
                              "--plot", tmp_path / "ptb.png")
@@ -163,7 +163,7 @@ def test_awd_lstm_trains_from_the_hub_copy(tmp_path: Path) -> None:
     write_hub_layout(tmp_path / "ptb", tmp_path / "hub")
     run_example("run_language_modeling.py", "--hub-dataset", tmp_path / "hub", "--no-verify", "--preset", "tiny",
                 "--epochs", 1, "--results", tmp_path / "results", "--output-dir", tmp_path / "work")
-    record = json.loads((tmp_path / "results" / "tiny" / "softadam-seed1.json").read_text())
+    record = json.loads((tmp_path / "results" / "softadam-seed1.json").read_text())
     assert record["data"] == str(tmp_path / "hub")
     # The same token streams as the files: every line plus its <eos>.
     for split in ("train", "valid", "test"):

@@ -41,7 +41,7 @@ def test_run_writes_a_complete_record_and_skips_finished_runs(data_bin: Path, tm
     for optimizer in ("softadam", "adamw"):
         result = run_script("run_iwslt14.py", "--optimizer", optimizer, *args)
         assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "results" / "tiny" / "softadam-seed1.json").read_text())
+    record = json.loads((tmp_path / "results" / "softadam-seed1.json").read_text())
     assert [e["epoch"] for e in record["epochs"]] == [1, 2] and record["epochs"][-1]["num_updates"] == 30
     assert record["averaged_checkpoints"] == ["checkpoint1.pt", "checkpoint2.pt"]
     assert record["train_seconds"] > 0 and record["eval_seconds"] > 0
@@ -50,7 +50,7 @@ def test_run_writes_a_complete_record_and_skips_finished_runs(data_bin: Path, tm
     assert record["signature"].startswith("nrefs:1|") and record["tokenized_bleu"] >= 0
     command = record["command"]
     assert command[command.index("--warmup-updates") + 1] == "0"  # SoftAdam: no warmup
-    adamw = json.loads((tmp_path / "results" / "tiny" / "adamw-seed1.json").read_text())
+    adamw = json.loads((tmp_path / "results" / "adamw-seed1.json").read_text())
     assert adamw["command"][adamw["command"].index("--warmup-updates") + 1] == "5"
 
     again = run_script("run_iwslt14.py", "--optimizer", "softadam", *args)
@@ -68,7 +68,7 @@ def test_a_diverging_run_says_so_and_leaves_no_record(data_bin: Path, tmp_path: 
                         "--results", tmp_path / "results", "--work-dir", tmp_path / "work")
     assert result.returncode == 3, result.stderr[-2000:]
     assert "error: training diverged" in result.stderr and "lower --lr" in result.stderr
-    assert not (tmp_path / "results" / "tiny" / "sgd-seed1.json").exists()
+    assert not (tmp_path / "results" / "sgd-seed1.json").exists()
 
 
 def test_missing_data_bin_is_reported(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """One JSON record per finished run, shared by the IWSLT (fairseq) and PTB (Trainer)
 experiments so that scripts/report.py reads both.
 
-A record lives at ``RESULTS/<preset>/<optimizer>-seed<N>.json`` and is written only when
-the run has finished (to a temporary name, then renamed): a crashed run leaves no
+A record lives at ``RESULTS/<optimizer>-seed<N>.json``, where RESULTS defaults to
+``results/<preset>/<experiment>`` (default_results) and a sweep gives each setting its own
+folder. It is written only when the run has finished (to a temporary name, then renamed): a crashed run leaves no
 record, so a rerun never mistakes it for a result.
 """
 
@@ -18,8 +19,16 @@ from typing import Any
 import torch
 
 
-def record_path(results: Path, preset: str, optimizer: str, seed: int) -> Path:
-    return Path(results) / preset / f"{optimizer}-seed{seed}.json"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def default_results(preset: str, experiment: str) -> Path:
+    """Where a run's record goes unless --results says otherwise: results/cpu/ptb, ..."""
+    return REPO / "results" / preset / experiment
+
+
+def record_path(results: Path, optimizer: str, seed: int) -> Path:
+    return Path(results) / f"{optimizer}-seed{seed}.json"
 
 
 def machine_info() -> dict[str, Any]:
