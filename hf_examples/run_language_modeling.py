@@ -61,6 +61,9 @@ PRESETS = {
               "epochs": 500, "batch_size": 20, "bptt": 70},
     "cpu": {"model": {"embedding_size": 200, "hidden_size": 400, "num_layers": 3},
             "epochs": 3, "batch_size": 20, "bptt": 70},
+    # demo: one epoch of a 2-layer 64/128 model, about 2 minutes alone (`make demo`, docs/RESULTS.md).
+    "demo": {"model": {"embedding_size": 64, "hidden_size": 128, "num_layers": 2},
+             "epochs": 1, "batch_size": 20, "bptt": 70},
     "tiny": {"model": {"embedding_size": 16, "hidden_size": 32, "num_layers": 2, "dropout_output": 0.1,
                        "dropout_hidden": 0.1, "dropout_input": 0.1, "dropout_embedding": 0.0},
              "epochs": 3, "batch_size": 8, "bptt": 20},
@@ -71,10 +74,10 @@ PRESETS = {
 # the same rate; Adam 3e-3 sits between the demo probe's best (1e-2, an unregularized
 # LSTM) and the 1e-3 commonly used for AWD-LSTM.
 LEARNING_RATES = {
-    "softadam": {"paper": 30.0, "cpu": 30.0, "tiny": 30.0},
-    "sgd": {"paper": 30.0, "cpu": 30.0, "tiny": 30.0},
-    "adam": {"paper": 3e-3, "cpu": 3e-3, "tiny": 1e-2},
-    "adamw": {"paper": 3e-3, "cpu": 3e-3, "tiny": 1e-2},
+    "softadam": {"paper": 30.0, "cpu": 30.0, "demo": 30.0, "tiny": 30.0},
+    "sgd": {"paper": 30.0, "cpu": 30.0, "demo": 30.0, "tiny": 30.0},
+    "adam": {"paper": 3e-3, "cpu": 3e-3, "demo": 3e-3, "tiny": 1e-2},
+    "adamw": {"paper": 3e-3, "cpu": 3e-3, "demo": 3e-3, "tiny": 1e-2},
 }
 SOFTADAM_WEIGHT_DROP = 0.6  # the paper's one change to the recipe for SoftAdam
 VALID_BATCH, TEST_BATCH = 10, 1  # the recipe's evaluation batch sizes
@@ -225,7 +228,8 @@ def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], v
                    "batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
                    "steps": num_training_steps, "model": config.to_diff_dict()},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "epochs": curve, "best_epoch": min(curve, key=lambda e: e["valid_loss"])["epoch"] if curve else None,
+        "epochs": curve, "train_curve": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
+        "best_epoch": min(curve, key=lambda e: e["valid_loss"])["epoch"] if curve else None,
         "valid_loss": valid["loss"], "valid_ppl": valid["ppl"], "test_loss": test["loss"], "test_ppl": test["ppl"],
         "data": args.data_source, "tokens": {split: int(s.numel()) for split, s in streams.items()},
         "train_seconds": curve[-1]["wall_seconds"] if curve else None, "eval_seconds": time.time() - started,

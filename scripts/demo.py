@@ -1,125 +1,140 @@
 #!/usr/bin/env python
-"""`make demo`: SoftAdam vs SGD vs Adam on a small LSTM language model on real PTB.
+"""`make demo`: the paper's two language experiments end to end at small scale.
 
-Trains the same tied one-layer LSTM (softadam_nlp.experiments.small_lm) once per
-optimizer, prints a table of validation perplexity and writes the curves as a PNG.
-Each finished run is saved as JSON under --out; a second invocation with the same
-settings reuses it instead of training again (--fresh retrains).
+1. Table 2's pipeline (Trainer): hf_examples/run_language_modeling.py --preset demo, an
+   AWD-LSTM on Penn Treebank for one epoch, with SoftAdam, SGD and Adam; validation and
+   test perplexity.
+2. Table 3's pipeline (fairseq): scripts/prepare_iwslt14.py, then scripts/run_iwslt14.py
+   --preset demo, a small transformer for 200 updates, with SoftAdam, SGD and AdamW;
+   validation perplexity and test BLEU.
+3. Table 2- and Table 3-shaped summaries (paper figures beside; a demo this short says
+   nothing about the paper's claims) and the training-loss curves, written to --out.
 
-Data: --data-dir, else $SOFTADAM_DATA_DIR, else ../shared/data beside the repository.
+Data, in this order: local copies in --data-dir, $SOFTADAM_DATA_DIR or ../shared/data
+(PTB's ptb.*.txt; IWSLT'14's de-en.tgz, else Multi30k De-En as the translation
+stand-in), else downloads: PTB from the Hugging Face hub, IWSLT'14 from fairseq's host,
+each checked. The data used is printed. Every run writes its record only when it has
+finished, and a second `make demo` reuses finished runs (--fresh redoes them).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from softadam_nlp.data.ptb import load_ptb
-from softadam_nlp.experiments.small_lm import OptimizerSpec, SmallLMConfig, train_small_lm
+from softadam_nlp.data.ptb import find_ptb_dir
+from softadam_nlp.data.translation import find_translation_source
+from softadam_nlp.experiments.reporting import load_records, markdown_table, plot_train_curves
 
-# Learning rates from a 300-step probe on this model (docs/RESULTS.md, "Demo").
-# SoftAdam uses an SGD-scale rate and no warmup; SGD has momentum 0.9.
-DEFAULT_SPECS = {
-    "softadam": OptimizerSpec("softadam", 100.0, (("eta", 1.0),)),
-    "sgd": OptimizerSpec("sgd", 10.0, (("momentum", 0.9),)),
-    "adam": OptimizerSpec("adam", 1e-2),
-}
+REPO = Path(__file__).resolve().parents[1]
+OPTIMIZERS = {"ptb": ("softadam", "sgd", "adam"), "iwslt14": ("softadam", "sgd", "adamw")}
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
-    import matplotlib
+class DemoFailed(RuntimeError):
+    """A step failed; its own output above says why."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for record in records:
-        steps = [point["step"] for point in record["curve"]]
-        ax.plot(steps, [point["valid_ppl_prefix"] for point in record["curve"]], marker="o", label=record["spec"])
-    ax.set_yscale("log")
-    ax.set_xlabel("training step (batch 20 x 35 tokens)")
-    ax.set_ylabel(f"valid perplexity (first {records[0]['config']['eval_tokens']:,} tokens)")
-    ax.set_title("Small tied LSTM on PTB")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def run_step(title: str, command: list[str]) -> float:
+    """Run one script with its output shown as it comes; returns its wall time."""
+    print(f"\n=== {title}\n+ {' '.join(command)}", flush=True)
+    started = time.time()
+    if subprocess.run(command, cwd=REPO).returncode != 0:
+        raise DemoFailed(f"{title} failed (its output is above)")
+    return time.time() - started
+
+
+def ptb_source(data_dir: Path | None) -> list[str]:
+    """Arguments that point run_language_modeling.py at PTB: a local copy, else the hub."""
+    try:
+        folder = find_ptb_dir(data_dir)
+    except FileNotFoundError:
+        print("PTB: no local copy found; loading the Hugging Face hub's copy (md5-checked)", flush=True)
+        return ["--hub-dataset"]
+    print(f"PTB: local copy in {folder}", flush=True)
+    return ["--data-dir", str(folder)]
+
+
+def translation_data(args: argparse.Namespace, timings: dict[str, float]) -> Path:
+    """A fairseq data-bin: --data-bin as given, else prepared from a local corpus or a download."""
+    if args.data_bin:
+        print(f"translation: the data-bin {args.data_bin}", flush=True)
+        return args.data_bin
+    source = find_translation_source(args.data_dir)
+    command = [sys.executable, "scripts/prepare_iwslt14.py"]
+    if source is None:
+        print("translation: no local IWSLT'14 or Multi30k copy; downloading IWSLT'14", flush=True)
+        corpus = "iwslt14"
+    else:
+        corpus, raw = source
+        label = "IWSLT'14 De-En" if corpus == "iwslt14" else "Multi30k De-En (stand-in for IWSLT'14)"
+        print(f"translation: {label}, local copy {raw}", flush=True)
+        command += ["--corpus", corpus, "--raw-dir", str(raw)]
+    timings["prepare translation data"] = run_step("prepare translation data (reused once done)", command)
+    return REPO / "data" / f"{corpus}.tokenized.de-en" / "data-bin"
+
+
+LOSS_UNITS = {"ptb": "training loss (nats/word, with AR/TAR)", "iwslt14": "training loss (bits/token, label-smoothed)"}
+
+
+def summarize(experiment: str, records_dir: Path, out: Path) -> str:
+    """The Table-shaped summary and the training curves (one validation point per run is
+    all a demo this short has, so the curve is the logged training loss)."""
+    records = load_records(records_dir)
+    plot = plot_train_curves(records, out / f"{experiment}_train_loss.png", f"make demo: {experiment}",
+                             LOSS_UNITS[experiment])
+    return f"{markdown_table(records, experiment)}\nCurves: {plot}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder with ptb.{train,valid,test}.txt")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where records and the plot go")
-    parser.add_argument("--optimizers", nargs="+", default=list(DEFAULT_SPECS), choices=list(DEFAULT_SPECS))
-    parser.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE",
-                        help="override an optimizer's learning rate, e.g. --lr softadam=30 (repeatable)")
-    parser.add_argument("--steps", type=int, default=SmallLMConfig.steps, help="training steps per optimizer")
-    parser.add_argument("--eval-every", type=int, default=SmallLMConfig.eval_every)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fresh", action="store_true", help="retrain even if a finished record exists")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip the md5 check of the PTB files (other copies; results not comparable)")
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.eval_every < 1:
-        parser.error("--steps and --eval-every must be >= 1")
-
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with local corpora (ptb/, multi30k/, de-en.tgz)")
+    p.add_argument("--data-bin", type=Path, default=None, help="an existing fairseq data-bin (skips preparation)")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="records, curves and summary")
+    p.add_argument("--experiments", nargs="+", choices=sorted(OPTIMIZERS), default=["ptb", "iwslt14"])
+    p.add_argument("--preset", default="demo", help="the scripts' preset (tests use `tiny`)")
+    p.add_argument("--no-verify", action="store_true", help="skip PTB's md5 check (generated test data)")
+    p.add_argument("--fresh", action="store_true", help="redo finished runs")
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()
+    started = time.time()
+    timings: dict[str, float] = {}
+    summaries = []
     try:
-        corpus = load_ptb(args.data_dir, verify=not args.no_verify)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"data: Penn Treebank from {corpus.directory} ({'md5 NOT verified' if args.no_verify else 'md5 verified'}; vocab {corpus.vocab_size:,}, "
-          f"{corpus.splits['train'].numel():,} training tokens)", flush=True)
-
-    specs = dict(DEFAULT_SPECS)
-    for override in args.lr:
-        name, _, value = override.partition("=")
-        if name not in specs:
-            parser.error(f"--lr {override}: unknown optimizer {name!r} (choose from {', '.join(specs)})")
-        try:
-            specs[name] = replace(specs[name], lr=float(value))
-        except ValueError:
-            parser.error(f"--lr {override}: {value!r} is not a number")
-        if specs[name].lr <= 0:
-            parser.error(f"--lr {override}: the learning rate must be > 0")
-
-    config = replace(SmallLMConfig(), steps=args.steps, eval_every=args.eval_every, seed=args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for name in args.optimizers:
-        spec = specs[name]
-        path = args.out / f"{name}.json"
-        if path.exists() and not args.fresh:
-            record = json.loads(path.read_text())
-            if record["config"] == json.loads(json.dumps(config.__dict__)) and record["spec"] == spec.describe():
-                print(f"{spec.describe()}: reusing finished run {path}", flush=True)
-                records.append(record)
-                continue
-        record = train_small_lm(corpus, spec, config, progress=lambda line: print(line, flush=True))
-        # Write to a temporary name first so an interrupted write never looks finished.
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
-        records.append(record)
-
-    print(f"\nValidation perplexity after {config.steps} steps (full PTB valid set, lower is better):\n")
-    print("| optimizer | valid ppl | train time |")
-    print("|---|---:|---:|")
-    for record in sorted(records, key=lambda r: r["valid_ppl"]):
-        print(f"| {record['spec']} | {record['valid_ppl']:.2f} | {record['train_seconds']:.0f} s |")
-    plot = args.out / "valid_ppl_curves.png"
-    plot_curves(records, plot)
-    print(f"\ncurves: {plot}\nrecords: {args.out}/*.json")
+        if "ptb" in args.experiments:
+            data = ptb_source(args.data_dir) + (["--no-verify"] if args.no_verify else [])
+            for optimizer in OPTIMIZERS["ptb"]:
+                timings[f"ptb {optimizer}"] = run_step(
+                    f"Table 2 pipeline (Trainer, AWD-LSTM on PTB): {optimizer}",
+                    [sys.executable, "hf_examples/run_language_modeling.py", *data, "--optimizer", optimizer,
+                     "--preset", args.preset, "--results", str(args.out / "ptb"),
+                     "--output-dir", str(args.out / "work" / "ptb" / optimizer), *(["--force"] if args.fresh else [])])
+            summaries.append("## Table 2 shape: PTB language model (Trainer)\n\n"
+                             + summarize("ptb", args.out / "ptb", args.out))
+        if "iwslt14" in args.experiments:
+            data_bin = translation_data(args, timings)
+            for optimizer in OPTIMIZERS["iwslt14"]:
+                timings[f"iwslt14 {optimizer}"] = run_step(
+                    f"Table 3 pipeline (fairseq, transformer): {optimizer}",
+                    [sys.executable, "scripts/run_iwslt14.py", "--optimizer", optimizer, "--preset", args.preset,
+                     "--data-bin", str(data_bin), "--results", str(args.out / "iwslt14"),
+                     "--work-dir", str(args.out / "work" / "iwslt14"), *(["--force"] if args.fresh else [])])
+            summaries.append("## Table 3 shape: De-En translation (fairseq)\n\n"
+                             + summarize("iwslt14", args.out / "iwslt14", args.out))
+    except (DemoFailed, FileNotFoundError) as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    total = time.time() - started
+    timing_lines = "\n".join(f"- {step}: {seconds:.0f} s" for step, seconds in timings.items())
+    summary = ("# make demo\n\nA smoke-scale run of both pipelines: the numbers show that everything "
+               "works end to end, not how the optimizers compare (see docs/RESULTS.md).\n\n"
+               + "\n".join(summaries) + f"\n## Wall time\n\n{timing_lines}\n- total: {total:.0f} s\n")
+    (args.out / "summary.md").write_text(summary)
+    print("\n" + summary + f"\nWritten: {args.out / 'summary.md'}, curves and records under {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    code = main()
-    print(f"(demo took {time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    sys.exit(code)
+    sys.exit(main())

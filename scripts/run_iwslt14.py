@@ -33,7 +33,7 @@ import torch
 
 from softadam_nlp.experiments.fairseq_runs import (
     average_checkpoints, checkpoints_to_average, detokenized_bleu, divergence, epoch_curves, fairseq_tool,
-    finished_updates, parse_fairseq_log, parse_generate_output,
+    finished_updates, parse_fairseq_log, parse_generate_output, progress_line, train_curve,
 )
 from softadam_nlp.experiments.records import default_results, record_path as make_record_path, write_record
 
@@ -46,26 +46,33 @@ MODELS = {
             "--encoder-layers", "3", "--decoder-layers", "3", "--encoder-embed-dim", "256",
             "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
             "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
+    "demo": ["--arch", "transformer", "--share-decoder-input-output-embed", "--dropout", "0.1",
+             "--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "128",
+             "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512",
+             "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
     "tiny": ["--arch", "transformer", "--share-decoder-input-output-embed", "--dropout", "0.1",
              "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32",
              "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
              "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"],
 }
-# Max updates, max tokens per batch, warmup updates of AdamW/SGD, epoch checkpoints averaged.
+# Max updates, max tokens per batch, warmup updates of AdamW/SGD, epoch checkpoints averaged,
+# beam size for the test set (demo: greedy, since beam search over 1,000 sentences from a
+# barely trained model takes longer than its training).
 # cpu: sized from a 100-update calibration run (about 0.6 updates/s on the 2-core build
 # machine, Multi30k: ~110 updates an epoch), so that training takes under 20 minutes.
 BUDGET = {
-    "paper": {"max_update": 50_000, "max_tokens": 4096, "warmup": 4000, "average_last": 5},
-    "cpu": {"max_update": 700, "max_tokens": 4096, "warmup": 100, "average_last": 2},
-    "tiny": {"max_update": 30, "max_tokens": 1000, "warmup": 5, "average_last": 2},
+    "paper": {"max_update": 50_000, "max_tokens": 4096, "warmup": 4000, "average_last": 5, "beam": 5},
+    "cpu": {"max_update": 700, "max_tokens": 4096, "warmup": 100, "average_last": 2, "beam": 5},
+    "demo": {"max_update": 200, "max_tokens": 2048, "warmup": 50, "average_last": 1, "beam": 1},
+    "tiny": {"max_update": 30, "max_tokens": 1000, "warmup": 5, "average_last": 2, "beam": 5},
 }
 OPTIMIZERS = {  # per optimizer: fairseq options and the default learning rate per preset
     "softadam": {"args": ["--optimizer", "softadam", "--softadam-eta", "1.0", "--weight-decay", "0.0001"],
-                 "lr": {"paper": 0.5, "cpu": 0.5, "tiny": 1.0}, "warmup": False},
+                 "lr": {"paper": 0.5, "cpu": 0.5, "demo": 0.5, "tiny": 1.0}, "warmup": False},
     "adamw": {"args": ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.0001"],
-              "lr": {"paper": 5e-4, "cpu": 1e-3, "tiny": 3e-3}, "warmup": True},
+              "lr": {"paper": 5e-4, "cpu": 1e-3, "demo": 3e-3, "tiny": 3e-3}, "warmup": True},
     "sgd": {"args": ["--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "0.0001"],
-            "lr": {"paper": 0.3, "cpu": 0.3, "tiny": 0.3}, "warmup": True},
+            "lr": {"paper": 0.3, "cpu": 0.3, "demo": 0.3, "tiny": 0.3}, "warmup": True},
 }
 
 
@@ -94,12 +101,27 @@ class ToolFailed(RuntimeError):
         self.stderr = result.stderr
 
 
-def run(command: list[str]) -> str:
+def run(command: list[str], show_progress: bool = False) -> str:
+    """Run a fairseq tool and return its output. With ``show_progress`` (fairseq-train, which
+    runs for minutes to days) its log lines are summarized on stdout as they come; the
+    streams are then merged, which only suits output read for its log lines."""
     print("+ " + " ".join(command), flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ToolFailed(command, result)
-    return result.stdout + result.stderr
+    if not show_progress:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ToolFailed(command, result)
+        return result.stdout + result.stderr
+    lines = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            lines.append(line)
+            summary = progress_line(line)
+            if summary:
+                print("  " + summary, flush=True)
+    output = "".join(lines)
+    if process.returncode != 0:
+        raise ToolFailed(command, subprocess.CompletedProcess(command, process.returncode, output, output))
+    return output
 
 
 def validate(args: argparse.Namespace, checkpoint: Path) -> dict:
@@ -145,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     max_update = int(command[command.index("--max-update") + 1])
     if finished_updates(work / "checkpoints" / "checkpoint_last.pt") < max_update:
         try:
-            run(command)  # resumes from work/checkpoints/checkpoint_last.pt after a crash
+            run(command, show_progress=True)  # resumes from work/checkpoints/checkpoint_last.pt after a crash
         except ToolFailed as failure:
             # fairseq-fixed reruns a step with non-finite gradients under its NaN detector,
             # which then crashes inside torch (StopIteration): say what happened instead.
@@ -161,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"training already finished in {work}: evaluating", flush=True)
     eval_started = time.time()
-    curve = epoch_curves(parse_fairseq_log((work / "train.log").read_text().splitlines()))
+    log = parse_fairseq_log((work / "train.log").read_text().splitlines())
+    curve = epoch_curves(log)
     checkpoints = checkpoints_to_average(work / "checkpoints", args.average_last)
     averaged = average_checkpoints(checkpoints, work / "checkpoint_averaged.pt")
     valid = validate(args, averaged)
@@ -169,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     # 200-token beams otherwise dominate the CPU time; real translations fit easily.
     generate_command = [
         fairseq_tool("fairseq-generate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--path", str(averaged),
-        "--beam", "5", "--remove-bpe", "--max-len-a", "1.2", "--max-len-b", "10",
+        "--beam", str(BUDGET[args.preset]["beam"]), "--remove-bpe", "--max-len-a", "1.2", "--max-len-b", "10",
         "--batch-size", "128", "--required-batch-size-multiple", "1",
         *(["--cpu"] if not torch.cuda.is_available() else [])]
     generated = parse_generate_output(run(generate_command))
@@ -178,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "experiment": "iwslt14", "preset": args.preset, "optimizer": args.optimizer, "seed": args.seed,
         "data_bin": str(args.data_bin), "command": command, "generate_command": generate_command,
-        "epochs": curve, "averaged_checkpoints": [c.name for c in checkpoints],
+        "epochs": curve, "train_curve": train_curve(log), "averaged_checkpoints": [c.name for c in checkpoints],
         **valid, "test_sentences": len(ids), "tokenized_bleu": generated["tokenized_bleu"], **sacre,
         # fairseq's cumulative training wall time (it survives resumes) + this evaluation.
         "train_seconds": curve[-1]["wall_seconds"] if curve else None,

@@ -89,3 +89,16 @@ def translation_args(data_bin: Path, save_dir: Path, *extra: object, lr: float =
         "--lr-scheduler", "polynomial_decay", "--total-num-update", total_updates,
         "--save-dir", save_dir, *extra,
     ]
+
+
+def make_translation_data_bin(root: Path) -> Path:
+    """A fairseq data-bin of the reversal corpus as de->en under ``root``: ``root/bin``."""
+    raw = root / "raw"
+    write_reversal_corpus(raw)
+    for split in ("train", "valid", "test"):
+        (raw / f"{split}.src").rename(raw / f"{split}.de")
+        (raw / f"{split}.tgt").rename(raw / f"{split}.en")
+    out = root / "bin"
+    run_tool("fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--trainpref", raw / "train",
+             "--validpref", raw / "valid", "--testpref", raw / "test", "--destdir", out, "--workers", 1)
+    return out

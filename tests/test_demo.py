@@ -1,4 +1,4 @@
-"""The PTB loader and the demo CLI, on a small corpus generated here."""
+"""The PTB loader and `make demo` (scripts/demo.py, tiny preset), on data generated here."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fairseq_cli import make_translation_data_bin
 from repo_scripts import run_repo_script
+from softadam_nlp.data import data_roots
 from softadam_nlp.data.ptb import batchify, find_ptb_dir, load_ptb
+from softadam_nlp.data.translation import find_translation_source
 
 
 def write_tiny_ptb(directory: Path) -> None:
@@ -52,30 +55,52 @@ def test_batchify_makes_contiguous_streams() -> None:
         batchify(torch.arange(4), 0)
 
 
-def run_demo(*args: str) -> subprocess.CompletedProcess:
-    return run_repo_script("scripts/demo.py", *args)
+def run_demo(*args: object) -> subprocess.CompletedProcess:
+    return run_repo_script("scripts/demo.py", *args, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 
-def test_demo_trains_tabulates_plots_and_reuses_finished_runs(tmp_path: Path) -> None:
-    write_tiny_ptb(tmp_path / "data")
+def test_demo_runs_both_pipelines_summarizes_plots_and_reuses_finished_runs(tmp_path: Path) -> None:
+    write_tiny_ptb(tmp_path / "data" / "ptb")
+    data_bin = make_translation_data_bin(tmp_path / "translation")
     out = tmp_path / "out"
-    args = ["--data-dir", str(tmp_path / "data"), "--no-verify", "--steps", "6", "--eval-every", "3", "--out", str(out)]
+    args = ("--data-dir", tmp_path / "data", "--data-bin", data_bin, "--no-verify", "--preset", "tiny", "--out", out)
     first = run_demo(*args)
-    assert first.returncode == 0, first.stderr
-    assert "md5 NOT verified" in first.stdout
-    for name in ("softadam", "sgd", "adam"):
-        record = json.loads((out / f"{name}.json").read_text())
-        assert [p["step"] for p in record["curve"]] == [3, 6]
-        assert record["valid_ppl"] < 33 * 3  # learnt something beyond a blown-up model
-        assert f"| {record['spec']} | {record['valid_ppl']:.2f} |" in first.stdout
-    assert (out / "valid_ppl_curves.png").stat().st_size > 1000
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert f"PTB: local copy in {tmp_path / 'data' / 'ptb'}" in first.stdout
+    assert f"translation: the data-bin {data_bin}" in first.stdout
+    for experiment, optimizers in (("ptb", ("softadam", "sgd", "adam")), ("iwslt14", ("softadam", "sgd", "adamw"))):
+        for optimizer in optimizers:
+            record = json.loads((out / experiment / f"{optimizer}-seed1.json").read_text())
+            assert record["preset"] == "tiny" and len(record["train_curve"]) >= 2
+        assert (out / f"{experiment}_train_loss.png").stat().st_size > 10_000
+    summary = (out / "summary.md").read_text()
+    assert "| softadam | 1 |" in summary and "66.64" in summary and "34.44" in summary  # paper columns of both tables
+    assert "- total:" in summary and summary in first.stdout
+    # Progress shows while the runs train: fairseq's summarized log lines.
+    assert "epoch 1 update" in first.stdout
 
     second = run_demo(*args)
-    assert second.returncode == 0, second.stderr
-    assert second.stdout.count("reusing finished run") == 3
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("exists: skipping") == 6
 
 
-def test_demo_without_data_fails_clearly(tmp_path: Path) -> None:
-    result = run_demo("--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
-    assert result.returncode == 2
-    assert "Penn Treebank not found" in result.stderr
+def test_demo_without_data_says_what_it_tried(tmp_path: Path) -> None:
+    result = run_demo("--data-dir", tmp_path / "missing", "--out", tmp_path / "out")
+    assert result.returncode == 1
+    assert "PTB: no local copy found" in result.stdout
+    assert "could not load ptb-text-only/ptb_text_only" in result.stderr
+
+
+def test_translation_source_prefers_iwslt_then_multi30k(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOFTADAM_DATA_DIR", raising=False)
+    assert find_translation_source(tmp_path) is None
+    (tmp_path / "multi30k").mkdir()
+    (tmp_path / "multi30k" / "train.de.gz").write_bytes(b"")
+    assert find_translation_source(tmp_path) == ("multi30k", tmp_path / "multi30k")
+    (tmp_path / "iwslt14").mkdir()
+    (tmp_path / "iwslt14" / "de-en.tgz").write_bytes(b"")
+    assert find_translation_source(tmp_path) == ("iwslt14", tmp_path / "iwslt14" / "de-en.tgz")
+    # $SOFTADAM_DATA_DIR is searched after --data-dir; ../shared/data only without one.
+    monkeypatch.setenv("SOFTADAM_DATA_DIR", str(tmp_path))
+    assert find_translation_source(tmp_path / "empty") == ("iwslt14", tmp_path / "iwslt14" / "de-en.tgz")
+    assert data_roots(tmp_path / "empty") == [tmp_path / "empty", tmp_path]

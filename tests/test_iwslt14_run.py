@@ -11,9 +11,10 @@ import pytest
 from repo_scripts import run_repo_script
 import torch
 
-from fairseq_cli import run_tool, write_reversal_corpus
+from fairseq_cli import make_translation_data_bin
 from softadam_nlp.experiments.fairseq_runs import (
     average_checkpoints, checkpoints_to_average, detokenized_bleu, divergence, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
+    progress_line, train_curve,
 )
 from softadam_nlp.experiments.reporting import markdown_table
 
@@ -24,15 +25,7 @@ def run_script(name: str, *args: object) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    raw = tmp_path_factory.mktemp("raw")
-    write_reversal_corpus(raw)
-    for split in ("train", "valid", "test"):
-        (raw / f"{split}.src").rename(raw / f"{split}.de")
-        (raw / f"{split}.tgt").rename(raw / f"{split}.en")
-    out = raw.parent / "bin"
-    run_tool("fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--trainpref", raw / "train",
-             "--validpref", raw / "valid", "--testpref", raw / "test", "--destdir", out, "--workers", 1)
-    return out
+    return make_translation_data_bin(tmp_path_factory.mktemp("translation"))
 
 
 def test_run_writes_a_complete_record_and_skips_finished_runs(data_bin: Path, tmp_path: Path) -> None:
@@ -139,3 +132,21 @@ def test_sweep_table_has_a_row_per_learning_rate() -> None:
     table = markdown_table([record(0.3, 50.0), record(1.0, 80.0), record(0.3, 52.0)], "iwslt14", by_lr=True)
     assert "| softadam | 0.3 | 2 | 52.00 ± 1.41 | 51.00 ± 1.41 | 4.02 |" in table
     assert "| softadam | 1 | 1 | 81.00 | 80.00 | 4.02 |" in table
+
+
+def test_progress_lines_and_train_curve_from_fairseq_logs() -> None:
+    lines = [
+        '2026-11-28 20:00:00 | INFO | train_inner | {"epoch": 1, "update": 0.1, "loss": "9.5", "ppl": "724", "lr": "0.5", "num_updates": "20", "wall": "7"}',
+        '2026-11-28 20:00:05 | INFO | train_inner | {"epoch": 1, "update": 0.2, "loss": "8.1", "ppl": "274", "lr": "0.5", "num_updates": "40", "wall": "14"}',
+        '2026-11-28 20:00:06 | INFO | valid | {"epoch": 1, "valid_loss": "7.9", "valid_ppl": "238", "valid_num_updates": "40"}',
+        '2026-11-28 20:00:06 | INFO | train | {"epoch": 1, "train_loss": "8.8", "train_ppl": "445", "train_num_updates": "40", "train_wall": "15"}',
+        # a resumed run repeats update 40; its last value counts
+        '{"epoch": 1, "update": 0.2, "loss": "8.0", "ppl": "256", "lr": "0.5", "num_updates": "40", "wall": "15"}',
+        "2026-11-28 20:00:00 | INFO | fairseq_cli.train | model transformer, criterion LabelSmoothedCrossEntropyCriterion",
+    ]
+    shown = [progress_line(line) for line in lines]
+    assert shown[0] == "epoch 1 update 20: loss 9.5, ppl 724, lr 0.5, 7 s"
+    assert shown[2] == "epoch 1 valid: loss 7.9, ppl 238"
+    assert shown[3] == "epoch 1 done: update 40, train loss 8.8, ppl 445, 15 s"
+    assert shown[5] is None
+    assert train_curve(parse_fairseq_log(lines)) == [{"step": 20, "loss": 9.5}, {"step": 40, "loss": 8.0}]

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
 
+from softadam_nlp.data import DATA_DIR_ENV, data_roots
+
 if TYPE_CHECKING:
     import datasets
 
@@ -31,9 +33,6 @@ PTB_HUB_DATASET = "ptb-text-only/ptb_text_only"
 PTB_HUB_REVISION = "refs/convert/parquet"
 PTB_HUB_CONFIG = "penn_treebank"
 PTB_HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
-DATA_DIR_ENV = "SOFTADAM_DATA_DIR"
-# Where the build machines keep shared corpora, relative to the repository root.
-_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def md5sum(path: Path) -> str:
@@ -45,10 +44,7 @@ def find_ptb_dir(data_dir: Optional[os.PathLike] = None) -> Path:
     """The folder holding ptb.train.txt: ``data_dir`` (or its ptb/ subfolder), else
     $SOFTADAM_DATA_DIR, else ../shared/data beside the repository. Raises
     FileNotFoundError saying where it looked and how to supply the files."""
-    candidates: list[Path] = []
-    for root in (data_dir, os.environ.get(DATA_DIR_ENV), None if data_dir else _SHARED_DATA):
-        if root:
-            candidates += [Path(root), Path(root) / "ptb"]
+    candidates = [folder for root in data_roots(data_dir) for folder in (root, root / "ptb")]
     for candidate in candidates:
         if (candidate / "ptb.train.txt").is_file():
             return candidate

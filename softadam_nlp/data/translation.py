@@ -17,8 +17,12 @@ Every function returns new lists; nothing here touches the disk except the BPE h
 from __future__ import annotations
 
 import io
+import os
 import re
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from softadam_nlp.data import data_roots
 
 IWSLT14_TEST_SETS = (
     "IWSLT14.TED.dev2010",
@@ -27,6 +31,27 @@ IWSLT14_TEST_SETS = (
     "IWSLT14.TED.tst2011",
     "IWSLT14.TED.tst2012",
 )
+# Local copies looked for under each data root (softadam_nlp.data.data_roots), first found wins.
+LOCAL_TRANSLATION_SOURCES = (
+    ("iwslt14", "iwslt14/de-en.tgz"),
+    ("iwslt14", "de-en.tgz"),
+    ("iwslt14", "iwslt14/de-en/train.tags.de-en.de"),
+    ("multi30k", "multi30k/train.de.gz"),
+)
+
+
+def find_translation_source(data_dir: Optional[os.PathLike] = None) -> Optional[tuple[str, Path]]:
+    """``(corpus, raw)`` for a local IWSLT'14 archive or folder, else Multi30k De-En (the
+    stand-in where IWSLT'14 cannot be fetched), in the data roots; None if there is none.
+    ``raw`` is what scripts/prepare_iwslt14.py takes as --raw-dir."""
+    for root in data_roots(data_dir):
+        for corpus, relative in LOCAL_TRANSLATION_SOURCES:
+            path = root / relative
+            if path.is_file():
+                return corpus, path if path.suffix == ".tgz" else path.parent
+    return None
+
+
 _DROPPED_TAG_LINES = ("<url>", "<talkid>", "<keywords>")
 _STRIPPED_TAGS = re.compile(r"</?(title|description)>")
 _SEG = re.compile(r"<seg id=\"?\d+\"?>\s*(.*?)\s*</seg>\s*$")

@@ -47,6 +47,27 @@ def parse_fairseq_log(lines: Iterable[str]) -> dict[str, list[dict]]:
     return records
 
 
+def progress_line(line: str) -> str | None:
+    """One short line for a fairseq ``--log-format json`` console line worth showing while
+    training runs (every --log-interval updates and each epoch's summaries), else None."""
+    start = line.find('{"')
+    if start < 0:
+        return None
+    try:
+        record = json.loads(line[start:])
+    except json.JSONDecodeError:
+        return None
+    if "train_loss" in record:
+        return (f"epoch {record['epoch']} done: update {record.get('train_num_updates')}, train loss "
+                f"{record['train_loss']}, ppl {record.get('train_ppl')}, {record.get('train_wall')} s")
+    if "valid_loss" in record:
+        return f"epoch {record['epoch']} valid: loss {record['valid_loss']}, ppl {record.get('valid_ppl')}"
+    if "loss" in record and "num_updates" in record:
+        return (f"epoch {record.get('epoch')} update {record['num_updates']}: loss {record['loss']}, "
+                f"ppl {record.get('ppl')}, lr {record.get('lr')}, {record.get('wall')} s")
+    return None
+
+
 def divergence(records: dict[str, list[dict]]) -> dict | None:
     """The first logged training interval whose loss or perplexity is not finite
     (``{"num_updates", "loss", "lr"}``), or None. fairseq-fixed's NaN detector then
@@ -55,6 +76,13 @@ def divergence(records: dict[str, list[dict]]) -> dict | None:
         if not all(math.isfinite(float(record.get(key, 0))) for key in ("loss", "ppl")):
             return {"num_updates": int(record["num_updates"]), "loss": record["loss"], "lr": record.get("lr")}
     return None
+
+
+def train_curve(records: dict[str, list[dict]]) -> list[dict]:
+    """[{step, loss}, ...] every --log-interval updates (fairseq's loss is in bits per
+    token); a resumed run's repeated intervals keep their last value."""
+    points = {int(r["num_updates"]): float(r["loss"]) for r in records.get("train_inner", [])}
+    return [{"step": step, "loss": points[step]} for step in sorted(points)]
 
 
 def epoch_curves(records: dict[str, list[dict]]) -> list[dict]:

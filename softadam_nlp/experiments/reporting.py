@@ -86,6 +86,33 @@ def markdown_table(records: list[dict], experiment: str, by_lr: bool = False) ->
     return "\n".join(lines) + "\n"
 
 
+def plot_train_curves(records: list[dict], path: Path, title: str, ylabel: str = "training loss (as logged)") -> Path:
+    """Logged training loss against the optimizer step, one line per run: the curve for
+    runs too short to have more than one validation point (the demo)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for record in sorted(records, key=lambda r: (r["optimizer"], r.get("seed", 0))):
+        curve = record.get("train_curve") or []
+        if curve:
+            ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker=".",
+                    label=f"{record['optimizer']} (seed {record.get('seed', '?')})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
     """Validation perplexity per epoch, mean over seeds per optimizer (Figure 2 style)."""
     import matplotlib
