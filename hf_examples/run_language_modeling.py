@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -49,7 +50,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from softadam_nlp.data.ptb import EOS, PTB_HUB_DATASET, load_ptb_hub, ptb_files
 from softadam_nlp.experiments.bptt import BPTTTrainer, evaluate_stream, segments_per_epoch
 from softadam_nlp.experiments.records import default_results, record_path, write_record
-from softadam_nlp.hf import add_optimizer_arguments, available_reporters, optimizers_from_cli, trainer_schedule_name
+from softadam_nlp.hf import (
+    add_optimizer_arguments, available_reporters, optimizers_from_cli, trainer_schedule_name, training_arguments_cli,
+)
 from softadam_nlp.models.awd_lstm import AWDLSTMConfig, AWDLSTMForLanguageModeling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     awd.add_argument("--results", type=Path, default=None,
                      help="folder for the run's record (default: results/<preset>/ptb)")
     awd.add_argument("--force", action="store_true", help="rerun even if the record exists")
+    awd.add_argument("--dry-run", action="store_true",
+                     help="print the run's Trainer arguments (checked by transformers' parser) and optimizer; train nothing")
     gpt2 = p.add_argument_group("gpt2")
     gpt2.add_argument("--block-size", type=int, default=70, help="tokens per training sequence")
     gpt2.add_argument("--hidden-size", type=int, default=256)
@@ -189,6 +194,46 @@ def epoch_curve(log_history: list[dict]) -> list[dict]:
     return curve
 
 
+def awd_lstm_setup(args: argparse.Namespace, streams: dict[str, torch.Tensor],
+                   vocab_size: int) -> tuple[AWDLSTMForLanguageModeling, TrainingArguments, int]:
+    """The model, the Trainer's arguments and the number of optimizer steps of a run."""
+    torch.manual_seed(args.seed)
+    config = AWDLSTMConfig(vocab_size=vocab_size, weight_drop=args.weight_drop, **PRESETS[args.preset]["model"])
+    model = AWDLSTMForLanguageModeling(config)
+    steps_per_epoch = segments_per_epoch(streams["train"], args.batch_size, args.bptt)
+    training_args = training_arguments(
+        args, num_train_epochs=args.epochs, per_device_eval_batch_size=VALID_BATCH,
+        eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", greater_is_better=False, logging_steps=max(1, steps_per_epoch // 10),
+    )
+    return model, training_args, steps_per_epoch * args.epochs
+
+
+def dry_run(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_size: int, argv: list[str]) -> int:
+    """Print what a run would do, its TrainingArguments as flags that the installed
+    transformers' parser has accepted, and build (not step) its optimizer and schedule."""
+    import transformers
+
+    model, training_args, num_training_steps = awd_lstm_setup(args, streams, vocab_size)
+    try:
+        flags = training_arguments_cli(training_args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    optimizer, scheduler = optimizers_from_cli(args, model, training_args, num_training_steps)
+    hyper = {k: v for k, v in optimizer.defaults.items() if k in ("lr", "eta", "betas", "momentum", "nesterov")}
+    hyper["weight_decay per group"] = [group["weight_decay"] for group in optimizer.param_groups]
+    print(shlex.join(["python", "hf_examples/run_language_modeling.py", *argv]))
+    print(f"# TrainingArguments, accepted by transformers {transformers.__version__}'s HfArgumentParser:")
+    print(shlex.join(flags))
+    print(f"# optimizer {type(optimizer).__name__} {hyper}; schedule {args.lr_scheduler}, warmup {args.warmup_steps}; "
+          f"lr at step 0: {scheduler.get_last_lr()[0]:g}")
+    print(f"# model {model.config.to_diff_dict()} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    print(f"# {num_training_steps:,} optimizer steps ({args.epochs} epochs, batch {args.batch_size}, bptt {args.bptt}); "
+          f"record -> {record_path(args.results or default_results(args.preset, 'ptb'), args.optimizer, args.seed)}")
+    return 0
+
+
 def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_size: int, argv: list[str]) -> int:
     path = record_path(args.results or default_results(args.preset, "ptb"), args.optimizer, args.seed)
     if path.exists() and not args.force:
@@ -196,16 +241,7 @@ def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], v
         return 0
     if args.force and args.output_dir.exists():
         shutil.rmtree(args.output_dir)
-    torch.manual_seed(args.seed)
-    config = AWDLSTMConfig(vocab_size=vocab_size, weight_drop=args.weight_drop, **PRESETS[args.preset]["model"])
-    model = AWDLSTMForLanguageModeling(config)
-    steps_per_epoch = segments_per_epoch(streams["train"], args.batch_size, args.bptt)
-    num_training_steps = steps_per_epoch * args.epochs
-    training_args = training_arguments(
-        args, num_train_epochs=args.epochs, per_device_eval_batch_size=VALID_BATCH,
-        eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
-        metric_for_best_model="eval_loss", greater_is_better=False, logging_steps=max(1, steps_per_epoch // 10),
-    )
+    model, training_args, num_training_steps = awd_lstm_setup(args, streams, vocab_size)
     trainer = BPTTTrainer(model=model, args=training_args, train_tokens=streams["train"],
                           eval_tokens=streams["valid"], bptt=args.bptt,
                           optimizers=optimizers_from_cli(args, model, training_args, num_training_steps))
@@ -287,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PTB from {args.data_source}: vocabulary {len(tokenizer):,}, tokens "
           + " / ".join(f"{split} {s.numel():,}" for split, s in streams.items()), flush=True)
     if args.model == "awd_lstm":
+        if args.dry_run:
+            return dry_run(args, streams, len(tokenizer), argv)
         return train_awd_lstm(args, streams, len(tokenizer), argv)
     return train_gpt2(args, streams, len(tokenizer))
 

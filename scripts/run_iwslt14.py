@@ -23,6 +23,7 @@ did not diverge); the `paper` ones are untuned starting points (no GPU here).
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from softadam_nlp.experiments.fairseq_runs import (
-    average_checkpoints, checkpoints_to_average, detokenized_bleu, divergence, epoch_curves, fairseq_tool,
+    average_checkpoints, check_fairseq_command, checkpoints_to_average, detokenized_bleu, divergence, epoch_curves, fairseq_tool,
     finished_updates, parse_fairseq_log, parse_generate_output, progress_line, train_curve,
 )
 from softadam_nlp.experiments.records import default_results, record_path as make_record_path, write_record
@@ -124,13 +125,45 @@ def run(command: list[str], show_progress: bool = False) -> str:
     return output
 
 
+def validate_command(args: argparse.Namespace, checkpoint: Path) -> list[str]:
+    return [fairseq_tool("fairseq-validate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
+            "--path", str(checkpoint), "--valid-subset", "valid", "--max-tokens", "4096",
+            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--log-format", "json", *(["--cpu"] if not torch.cuda.is_available() else [])]
+
+
+def generate_command(args: argparse.Namespace, checkpoint: Path) -> list[str]:
+    # Outputs are capped at 1.2 x source + 10 tokens: a weak model's degenerate
+    # 200-token beams otherwise dominate the CPU time; real translations fit easily.
+    return [fairseq_tool("fairseq-generate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--path", str(checkpoint),
+            "--beam", str(BUDGET[args.preset]["beam"]), "--remove-bpe", "--max-len-a", "1.2", "--max-len-b", "10",
+            "--batch-size", "128", "--required-batch-size-multiple", "1",
+            *(["--cpu"] if not torch.cuda.is_available() else [])]
+
+
 def validate(args: argparse.Namespace, checkpoint: Path) -> dict:
-    out = run([fairseq_tool("fairseq-validate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
-               "--path", str(checkpoint), "--valid-subset", "valid", "--max-tokens", "4096",
-               "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-               "--log-format", "json", *(["--cpu"] if not torch.cuda.is_available() else [])])
-    record = parse_fairseq_log(out.splitlines())["valid"][-1]
+    record = parse_fairseq_log(run(validate_command(args, checkpoint)).splitlines())["valid"][-1]
     return {key: float(record[key]) for key in ("valid_loss", "valid_nll_loss", "valid_ppl")}
+
+
+def dry_run(args: argparse.Namespace, work: Path) -> int:
+    """Print the run's fairseq command lines after the installed fairseq's own parsers
+    have accepted them (a GPU job should not fail on a typo after its queue wait)."""
+    averaged = work / "checkpoint_averaged.pt"
+    commands = [train_command(args, work / "checkpoints", work / "train.log"),
+                validate_command(args, averaged), generate_command(args, averaged)]
+    for command in commands:
+        try:
+            check_fairseq_command(command)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(shlex.join(command))
+    import fairseq
+
+    print(f"# {len(commands)} commands accepted by fairseq {fairseq.__version__}'s parsers; "
+          f"then checkpoint averaging over the last {args.average_last} epochs and sacreBLEU")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,14 +179,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder for the run's record (default: results/<preset>/iwslt14)")
     p.add_argument("--work-dir", type=Path, default=Path("runs/iwslt14"), help="checkpoints and logs")
     p.add_argument("--force", action="store_true", help="rerun even if the record exists")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the fairseq command lines with fairseq's parsers and print them; run nothing")
     args = p.parse_args(argv)
-    if not (args.data_bin / "dict.de.txt").is_file():
+    if not args.dry_run and not (args.data_bin / "dict.de.txt").is_file():
         p.error(f"{args.data_bin} is not a fairseq data-bin (no dict.de.txt); run scripts/prepare_iwslt14.py first")
     args.average_last = args.average_last or BUDGET[args.preset]["average_last"]
     if args.average_last < 1:
         p.error("--average-last must be >= 1")
 
     name = f"{args.optimizer}-seed{args.seed}"
+    if args.dry_run:
+        return dry_run(args, args.work_dir / args.preset / name)
     args.results = args.results or default_results(args.preset, "iwslt14")
     record_path = make_record_path(args.results, args.optimizer, args.seed)
     if record_path.exists() and not args.force:
@@ -188,19 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = checkpoints_to_average(work / "checkpoints", args.average_last)
     averaged = average_checkpoints(checkpoints, work / "checkpoint_averaged.pt")
     valid = validate(args, averaged)
-    # Outputs are capped at 1.2 x source + 10 tokens: a weak model's degenerate
-    # 200-token beams otherwise dominate the CPU time; real translations fit easily.
-    generate_command = [
-        fairseq_tool("fairseq-generate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--path", str(averaged),
-        "--beam", str(BUDGET[args.preset]["beam"]), "--remove-bpe", "--max-len-a", "1.2", "--max-len-b", "10",
-        "--batch-size", "128", "--required-batch-size-multiple", "1",
-        *(["--cpu"] if not torch.cuda.is_available() else [])]
-    generated = parse_generate_output(run(generate_command))
+    generation = generate_command(args, averaged)
+    generated = parse_generate_output(run(generation))
     ids = sorted(generated["refs"])
     sacre = detokenized_bleu([generated["hyps"][i] for i in ids], [generated["refs"][i] for i in ids], "en")
     record = {
         "experiment": "iwslt14", "preset": args.preset, "optimizer": args.optimizer, "seed": args.seed,
-        "data_bin": str(args.data_bin), "command": command, "generate_command": generate_command,
+        "data_bin": str(args.data_bin), "command": command, "generate_command": generation,
         "epochs": curve, "train_curve": train_curve(log), "averaged_checkpoints": [c.name for c in checkpoints],
         **valid, "test_sentences": len(ids), "tokenized_bleu": generated["tokenized_bleu"], **sacre,
         # fairseq's cumulative training wall time (it survives resumes) + this evaluation.

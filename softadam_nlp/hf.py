@@ -284,3 +284,29 @@ def optimizers_from_cli(
         extra = {"momentum": cli_args.momentum}
     return build_optimizers(cli_args.optimizer, model, training_args, num_training_steps,
                             lr_scheduler_type=cli_args.lr_scheduler, **extra)
+
+
+def training_arguments_cli(training_args: TrainingArguments) -> list[str]:
+    """Command-line flags, as transformers' HfArgumentParser spells them, that rebuild
+    ``training_args``: the fields that differ from TrainingArguments' defaults.
+
+    Raises ValueError unless the installed transformers parses the flags back into the
+    same arguments, so a printed command is one that transformers accepts."""
+    from transformers import HfArgumentParser
+
+    defaults = TrainingArguments(output_dir=training_args.output_dir).to_dict()
+    wanted = training_args.to_dict()
+    flags = ["--output_dir", str(training_args.output_dir)]
+    for name, value in wanted.items():
+        if name == "output_dir" or value == defaults.get(name) or value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{name}", *(str(v) for v in values)]
+    try:
+        (parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(flags)
+    except (SystemExit, ValueError) as error:
+        raise ValueError(f"transformers rejects the flags {flags}: {error}") from None
+    differing = {k: (v, parsed.to_dict().get(k)) for k, v in wanted.items() if parsed.to_dict().get(k) != v}
+    if differing:
+        raise ValueError(f"the flags do not rebuild these TrainingArguments fields (wanted, parsed): {differing}")
+    return flags

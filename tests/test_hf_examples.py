@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -176,3 +177,35 @@ def test_unreachable_hub_fails_clearly(tmp_path: Path) -> None:
                              HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "could not load ptb-text-only/ptb_text_only" in result.stderr and "--data-dir" in result.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["softadam", "sgd", "adam"])
+def test_paper_preset_dry_run_prints_trainer_arguments_transformers_accepts(optimizer: str, tmp_path: Path) -> None:
+    from transformers import HfArgumentParser, TrainingArguments
+
+    write_ptb_layout(tmp_path / "ptb")
+    result = run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "paper",
+                         "--optimizer", optimizer, "--dry-run", "--output-dir", tmp_path / "work", "--results", tmp_path / "results")
+    lines = result.stdout.splitlines()
+    flags = shlex.split(lines[lines.index(next(l for l in lines if l.startswith("# TrainingArguments"))) + 1])
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(flags)
+    assert args.num_train_epochs == 500 and args.per_device_train_batch_size == 20 and args.max_grad_norm == 0.25
+    assert args.learning_rate == {"softadam": 30.0, "sgd": 30.0, "adam": 3e-3}[optimizer] and args.warmup_steps == 0
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
+    assert "'embedding_size': 400, 'hidden_size': 1150, 'num_layers': 3" in result.stdout  # the recipe's model
+    assert f"'weight_drop': {0.6 if optimizer == 'softadam' else 0.5}" in result.stdout
+    assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()  # nothing trained
+
+
+def test_training_arguments_cli_round_trips_and_refuses_what_it_cannot_spell() -> None:
+    from transformers import TrainingArguments
+
+    from softadam_nlp.hf import training_arguments_cli
+
+    args = TrainingArguments(output_dir="out", learning_rate=30.0, num_train_epochs=3, eval_strategy="epoch",
+                             report_to=[], load_best_model_at_end=True, save_strategy="epoch", use_cpu=True)
+    flags = training_arguments_cli(args)
+    assert flags[:2] == ["--output_dir", "out"] and "--learning_rate" in flags and "--eval_strategy" in flags
+    # A field the CLI cannot carry (a dict-valued option) is caught, not silently dropped.
+    with pytest.raises(ValueError):
+        training_arguments_cli(TrainingArguments(output_dir="out", lr_scheduler_kwargs={"min_lr": 1e-5}, use_cpu=True))

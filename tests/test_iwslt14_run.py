@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from repo_scripts import run_repo_script
+from repo_scripts import REPO as REPO_ROOT, run_repo_script
 import torch
 
 from fairseq_cli import make_translation_data_bin
 from softadam_nlp.experiments.fairseq_runs import (
-    average_checkpoints, checkpoints_to_average, detokenized_bleu, divergence, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
+    average_checkpoints, check_fairseq_command, checkpoints_to_average, detokenized_bleu, divergence, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
     progress_line, train_curve,
 )
 from softadam_nlp.experiments.reporting import markdown_table
@@ -150,3 +151,37 @@ def test_progress_lines_and_train_curve_from_fairseq_logs() -> None:
     assert shown[3] == "epoch 1 done: update 40, train loss 8.8, ppl 445, 15 s"
     assert shown[5] is None
     assert train_curve(parse_fairseq_log(lines)) == [{"step": 20, "loss": 9.5}, {"step": 40, "loss": 8.0}]
+
+
+@pytest.mark.parametrize("optimizer", ["softadam", "adamw", "sgd"])
+def test_paper_preset_dry_run_prints_commands_fairseq_accepts(optimizer: str, tmp_path: Path) -> None:
+    from fairseq import options
+
+    result = run_script("run_iwslt14.py", "--dry-run", "--preset", "paper", "--optimizer", optimizer,
+                        "--data-bin", tmp_path / "not-prepared-yet", "--work-dir", tmp_path / "work")
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("/") or line.startswith("fairseq")]
+    assert [Path(c[0]).name for c in commands] == ["fairseq-train", "fairseq-validate", "fairseq-generate"]
+    assert not (tmp_path / "work").exists()  # nothing ran
+    # fairseq's own parsers, called here, accept each line and read the paper's settings from it.
+    train = options.parse_args_and_arch(options.get_training_parser(), commands[0][1:])
+    assert train.arch == "transformer_iwslt_de_en" and train.max_update == 50_000 and train.max_tokens == 4096
+    assert train.optimizer == ("adam" if optimizer == "adamw" else optimizer)
+    assert train.warmup_updates == (0 if optimizer == "softadam" else 4000)  # SoftAdam without warmup
+    if optimizer == "softadam":
+        assert train.softadam_eta == 1.0
+    options.parse_args_and_arch(options.get_validation_parser(), commands[1][1:])
+    generate = options.parse_args_and_arch(options.get_generation_parser(), commands[2][1:])
+    assert generate.beam == 5 and generate.required_batch_size_multiple == 1
+
+
+def test_fairseq_command_check_rejects_what_fairseq_rejects() -> None:
+    good = ["fairseq-train", "data-bin", "--user-dir", str(REPO_ROOT / "fairseq_plugins"), "--task", "translation",
+            "--arch", "transformer_iwslt_de_en", "--optimizer", "softadam", "--softadam-eta", "1"]
+    check_fairseq_command(good)
+    with pytest.raises(ValueError, match="unrecognized arguments: --softadam-etaa"):
+        check_fairseq_command([*good[:-2], "--softadam-etaa", "1"])
+    with pytest.raises(ValueError, match="invalid choice"):
+        check_fairseq_command([*good[:7], "transformer_iwslt_de_xx"])
+    with pytest.raises(ValueError, match="no fairseq parser"):
+        check_fairseq_command(["fairseq-interactive", "data-bin"])

@@ -6,6 +6,8 @@ tested without training.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -21,6 +23,32 @@ def fairseq_tool(name: str) -> str:
     """A fairseq console script: beside this Python (a venv not on PATH), else from PATH."""
     beside = Path(sys.executable).parent / name
     return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
+FAIRSEQ_PARSERS = {  # console script -> the fairseq.options parser it builds
+    "fairseq-train": "get_training_parser",
+    "fairseq-validate": "get_validation_parser",
+    "fairseq-generate": "get_generation_parser",
+}
+
+
+def check_fairseq_command(command: Sequence[str]) -> None:
+    """Parse a fairseq-train/-validate/-generate command line with the installed fairseq's
+    own parser (architecture, task, optimizer and --user-dir options included); raise
+    ValueError with fairseq's message if it is rejected. Nothing is run or read."""
+    from fairseq import options
+
+    tool = Path(command[0]).name
+    if tool not in FAIRSEQ_PARSERS:
+        raise ValueError(f"no fairseq parser known for {tool!r} (one of {sorted(FAIRSEQ_PARSERS)})")
+    parser = getattr(options, FAIRSEQ_PARSERS[tool])()
+    messages = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(messages):
+            options.parse_args_and_arch(parser, list(command[1:]))
+    except SystemExit:
+        error = messages.getvalue().strip().splitlines()
+        raise ValueError(f"{tool} rejects the command: {error[-1] if error else 'unknown error'}") from None
 
 
 def parse_fairseq_log(lines: Iterable[str]) -> dict[str, list[dict]]:
