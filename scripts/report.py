@@ -6,6 +6,11 @@
 
 Rows are optimizers (mean ± std over the seeds found), with the paper's figures in
 adjacent columns; the plot is validation perplexity per epoch, mean over seeds.
+--by-lr tabulates a learning-rate sweep; --heatmap PNG tabulates and draws SoftAdam's
+eta x learning-rate sensitivity grid:
+
+    python scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_eta_lr \
+        --heatmap docs/figures/ptb_softadam_eta_lr.png
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from softadam_nlp.experiments.reporting import COLUMNS, load_records, markdown_table, plot_valid_curves
+from softadam_nlp.experiments.reporting import (
+    COLUMNS, load_records, markdown_table, plot_sensitivity_heatmap, plot_valid_curves, sensitivity_table,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,11 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, default=None, help="write the curves to this PNG")
     p.add_argument("--title", default=None)
     p.add_argument("--by-lr", action="store_true", help="one row per optimizer and learning rate (an lr sweep)")
+    p.add_argument("--heatmap", type=Path, default=None,
+                   help="SoftAdam's eta x lr grid: print it and draw it to this PNG (instead of the table)")
     args = p.parse_args(argv)
     records = [r for r in load_records(args.records) if r.get("experiment", args.experiment) == args.experiment]
     if not records:
         print(f"error: no {args.experiment} records under {args.records}", file=sys.stderr)
         return 2
+    if args.heatmap:
+        print(sensitivity_table(records))
+        plot_sensitivity_heatmap(records, args.heatmap, args.title or f"{args.experiment}: SoftAdam validation perplexity")
+        print(f"heatmap: {args.heatmap}")
+        return 0
     print(markdown_table(records, args.experiment, by_lr=args.by_lr))
     if args.plot:
         plot_valid_curves(records, args.plot, args.title or f"{args.experiment}: validation perplexity")

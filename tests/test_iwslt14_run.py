@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import subprocess
 from pathlib import Path
@@ -17,7 +18,7 @@ from softadam_nlp.experiments.fairseq_runs import (
     average_checkpoints, check_fairseq_command, checkpoints_to_average, detokenized_bleu, divergence, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
     progress_line, train_curve,
 )
-from softadam_nlp.experiments.reporting import markdown_table
+from softadam_nlp.experiments.reporting import markdown_table, sensitivity_grid, sensitivity_table
 
 
 def run_script(name: str, *args: object) -> subprocess.CompletedProcess:
@@ -133,6 +134,30 @@ def test_sweep_table_has_a_row_per_learning_rate() -> None:
     table = markdown_table([record(0.3, 50.0), record(1.0, 80.0), record(0.3, 52.0)], "iwslt14", by_lr=True)
     assert "| softadam | 0.3 | 2 | 52.00 ± 1.41 | 51.00 ± 1.41 | 4.02 |" in table
     assert "| softadam | 1 | 1 | 81.00 | 80.00 | 4.02 |" in table
+
+
+def test_sensitivity_grid_table_and_heatmap(tmp_path: Path) -> None:
+    def trainer_record(eta: float, lr: float, ppl: float, seed: int = 1) -> dict:
+        return {"experiment": "ptb", "optimizer": "softadam", "seed": seed, "config": {"lr": lr, "eta": eta},
+                "valid_ppl": ppl}
+
+    records = [trainer_record(0, 10, 300.0), trainer_record(0, 30, 250.0), trainer_record(1, 10, 240.0),
+               trainer_record(1, 30, float("nan")), trainer_record(1, 10, 262.0, seed=2),
+               {"experiment": "ptb", "optimizer": "sgd", "config": {"lr": 30}, "valid_ppl": 1.0}]  # not SoftAdam: left out
+    etas, lrs, grid = sensitivity_grid(records)
+    assert etas == [0, 1] and lrs == [10, 30]
+    assert grid[(1, 10)] == 251.0 and grid[(1, 30)] == math.inf  # mean over seeds; a NaN run is a diverged cell
+    table = sensitivity_table(records[:3])
+    assert "| 0 | 300.0 | 250.0 |" in table and "| 1 | **240.0** | - |" in table
+    # fairseq records carry eta and lr in their command
+    fairseq = {"optimizer": "softadam", "command": ["fairseq-train", "--softadam-eta", "2.0", "--lr", "0.5"], "valid_ppl": 9.0}
+    assert sensitivity_grid([fairseq])[2] == {(2.0, 0.5): 9.0}
+    for i, record in enumerate(records):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(record))
+    result = run_script("report.py", "--experiment", "ptb", "--records", tmp_path, "--heatmap", tmp_path / "grid.png")
+    assert result.returncode == 0, result.stderr
+    assert "| 1 | 251.0 | diverged |" in result.stdout and "| 0 | 300.0 | **250.0** |" in result.stdout
+    assert (tmp_path / "grid.png").stat().st_size > 10_000
 
 
 def test_progress_lines_and_train_curve_from_fairseq_logs() -> None:

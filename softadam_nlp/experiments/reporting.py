@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -138,6 +139,80 @@ def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     if curves:
         ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def softadam_eta(record: dict) -> float | None:
+    """SoftAdam's eta of a run: ``config.eta`` (Trainer runs) or ``--softadam-eta`` of its command (fairseq)."""
+    if record.get("config", {}).get("eta") is not None:
+        return float(record["config"]["eta"])
+    command = record.get("command", [])
+    return float(command[command.index("--softadam-eta") + 1]) if "--softadam-eta" in command else None
+
+
+def sensitivity_grid(records: list[dict], metric: str = "valid_ppl") -> tuple[list[float], list[float], dict]:
+    """(etas, lrs, {(eta, lr): mean metric over seeds}) of SoftAdam records; a cell with a
+    non-finite value (a diverged run) holds inf, a setting without a record is absent."""
+    cells: dict[tuple[float, float], list[float]] = defaultdict(list)
+    for record in records:
+        if record.get("optimizer") == "softadam" and softadam_eta(record) is not None:
+            value = float(record[metric])
+            cells[(softadam_eta(record), learning_rate(record))].append(value if math.isfinite(value) else math.inf)
+    grid = {key: (math.inf if math.inf in values else statistics.mean(values)) for key, values in cells.items()}
+    return sorted({eta for eta, _ in grid}), sorted({lr for _, lr in grid}), grid
+
+
+def sensitivity_table(records: list[dict], metric: str = "valid_ppl") -> str:
+    """Markdown: one row per eta, one column per learning rate; the best cell in bold."""
+    etas, lrs, grid = sensitivity_grid(records, metric)
+    best = min(grid.values(), default=None)
+    lines = ["| eta \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|" + "---|" * (len(lrs) + 1)]
+    for eta in etas:
+        row = []
+        for lr in lrs:
+            value = grid.get((eta, lr))
+            text = "-" if value is None else "diverged" if math.isinf(value) else f"{value:.1f}"
+            row.append(f"**{text}**" if value is not None and value == best else text)
+        lines.append(f"| {eta:g} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sensitivity_heatmap(records: list[dict], path: Path, title: str, metric: str = "valid_ppl") -> Path:
+    """SoftAdam's eta x learning-rate grid as a heatmap of ``metric`` (log colour scale,
+    capped at 3x the best so one diverged cell does not wash out the rest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    etas, lrs, grid = sensitivity_grid(records, metric)
+    values = np.full((len(etas), len(lrs)), np.nan)
+    for (eta, lr), value in grid.items():
+        values[etas.index(eta), lrs.index(lr)] = value
+    finite = values[np.isfinite(values)]
+    best = float(finite.min()) if finite.size else 1.0
+    fig, ax = plt.subplots(figsize=(1.1 * len(lrs) + 2.5, 0.6 * len(etas) + 1.8))
+    shown = np.where(np.isinf(values), 3 * best, np.minimum(values, 3 * best))
+    image = ax.imshow(shown, cmap="viridis_r", norm=LogNorm(vmin=best, vmax=3 * best), aspect="auto")
+    for i, eta in enumerate(etas):
+        for j, lr in enumerate(lrs):
+            value = values[i, j]
+            text = "" if np.isnan(value) else "div." if np.isinf(value) else f"{value:.0f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="black" if np.isfinite(value) and value < 1.5 * best else "white",
+                    fontweight="bold" if value == best else "normal")
+    ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+    ax.set_yticks(range(len(etas)), [f"{eta:g}" for eta in etas])
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("eta")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=f"{metric.replace('_', ' ')} (capped at 3x best)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
