@@ -262,7 +262,7 @@ def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], v
                    "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler,
                    "warmup_steps": args.warmup_steps, "epochs": args.epochs, "bptt": args.bptt,
                    "batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
-                   "steps": num_training_steps, "model": config.to_diff_dict()},
+                   "steps": num_training_steps, "model": model.config.to_diff_dict()},
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": curve, "train_curve": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
         "best_epoch": min(curve, key=lambda e: e["valid_loss"])["epoch"] if curve else None,
