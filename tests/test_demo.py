@@ -75,7 +75,7 @@ def test_demo_runs_both_pipelines_summarizes_plots_and_reuses_finished_runs(tmp_
         assert (out / f"{experiment}_train_loss.png").stat().st_size > 10_000
     summary = (out / "summary.md").read_text()
     assert "| softadam | 1 |" in summary and "66.64" in summary and "34.44" in summary  # paper columns of both tables
-    assert "- total:" in summary and summary in first.stdout
+    assert "- total:" in summary and summary in first.stdout and "- ptb softadam:" in summary
     # Progress shows while the runs train: fairseq's summarized log lines.
     assert "epoch 1 update" in first.stdout
 
