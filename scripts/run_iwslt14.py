@@ -82,10 +82,13 @@ def train_command(args: argparse.Namespace, save_dir: Path, log_file: Path) -> l
     max_update = args.max_update or budget["max_update"]
     spec = OPTIMIZERS[args.optimizer]
     lr = args.lr if args.lr is not None else spec["lr"][args.preset]
+    optimizer_args = list(spec["args"])
+    if args.eta is not None:
+        optimizer_args[optimizer_args.index("--softadam-eta") + 1] = str(args.eta)
     warmup = budget["warmup"] if spec["warmup"] else 0
     return [
         fairseq_tool("fairseq-train"), str(args.data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
-        *MODELS[args.preset], *spec["args"], "--lr", str(lr),
+        *MODELS[args.preset], *optimizer_args, "--lr", str(lr),
         "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(warmup),
         "--total-num-update", str(max_update), "--max-update", str(max_update),
         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(MODELS), default="cpu")
     p.add_argument("--data-bin", type=Path, default=Path("data/iwslt14.tokenized.de-en/data-bin"))
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
+    p.add_argument("--eta", type=float, default=None, help="SoftAdam's eta (default: 1.0, the paper's)")
     p.add_argument("--max-update", type=int, default=None, help="override the preset's budget")
     p.add_argument("--average-last", type=int, default=None, help="epoch checkpoints to average (preset's default)")
     p.add_argument("--results", type=Path, default=None,
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="check the fairseq command lines with fairseq's parsers and print them; run nothing")
     args = p.parse_args(argv)
+    if args.eta is not None and (args.optimizer != "softadam" or args.eta < 0):
+        p.error("--eta is SoftAdam's and must be >= 0")
     if not args.dry_run and not (args.data_bin / "dict.de.txt").is_file():
         p.error(f"{args.data_bin} is not a fairseq data-bin (no dict.de.txt); run scripts/prepare_iwslt14.py first")
     args.average_last = args.average_last or BUDGET[args.preset]["average_last"]

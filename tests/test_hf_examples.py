@@ -209,3 +209,24 @@ def test_training_arguments_cli_round_trips_and_refuses_what_it_cannot_spell() -
     # A field the CLI cannot carry (a dict-valued option) is caught, not silently dropped.
     with pytest.raises(ValueError):
         training_arguments_cli(TrainingArguments(output_dir="out", lr_scheduler_kwargs={"min_lr": 1e-5}, use_cpu=True))
+
+
+def test_sweep_runs_a_grid_once_and_feeds_the_heatmap(tmp_path: Path) -> None:
+    write_ptb_layout(tmp_path / "ptb")
+    results = tmp_path / "sweep"
+    sweep = ("ptb", "--optimizer", "softadam", "--eta", 0, 1, "--lr", 30, "--results", results, "--work", tmp_path / "work",
+             "--jobs", 2, "--", "--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "tiny", "--epochs", 1)
+    first = run_repo_script("scripts/sweep.py", *sweep)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 runs, 0 finished, 2 to go" in first.stdout and first.stdout.count(" done ") == 2
+    for eta in (0, 1):
+        record = json.loads((results / f"softadam_eta{eta}_lr30" / "softadam-seed1.json").read_text())
+        assert record["config"]["eta"] == eta and record["config"]["lr"] == 30 and record["config"]["epochs"] == 1
+    again = run_repo_script("scripts/sweep.py", *sweep)
+    assert "2 runs, 2 finished, 0 to go" in again.stdout and " start " not in again.stdout
+    listed = run_repo_script("scripts/sweep.py", *sweep[:-10], "--seeds", 1, 2, "--dry-run")
+    assert listed.stdout.count("finished ") == 2 and listed.stdout.count("pending ") == 2
+    report = run_repo_script("scripts/report.py", "--experiment", "ptb", "--records", results, "--heatmap", tmp_path / "h.png")
+    assert report.returncode == 0 and "| eta \\ lr | 30 |" in report.stdout and (tmp_path / "h.png").exists()
+    refused = run_repo_script("scripts/sweep.py", "ptb", "--optimizer", "sgd", "--eta", 1, "--lr", 1, "--results", results)
+    assert refused.returncode == 2 and "--eta is SoftAdam's" in refused.stderr

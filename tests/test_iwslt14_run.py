@@ -210,3 +210,11 @@ def test_fairseq_command_check_rejects_what_fairseq_rejects() -> None:
         check_fairseq_command([*good[:7], "transformer_iwslt_de_xx"])
     with pytest.raises(ValueError, match="no fairseq parser"):
         check_fairseq_command(["fairseq-interactive", "data-bin"])
+
+
+def test_eta_reaches_fairseq_and_is_softadams_alone(tmp_path: Path) -> None:
+    result = run_script("run_iwslt14.py", "--dry-run", "--preset", "cpu", "--optimizer", "softadam", "--eta", 2.5,
+                        "--data-bin", tmp_path, "--work-dir", tmp_path / "work")
+    assert result.returncode == 0 and "--softadam-eta 2.5" in result.stdout
+    refused = run_script("run_iwslt14.py", "--dry-run", "--optimizer", "adamw", "--eta", 1, "--data-bin", tmp_path)
+    assert refused.returncode == 2 and "--eta is SoftAdam's" in refused.stderr
