@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The CPU-scale reproduction of Tables 2 and 3 (docs/RESULTS.md), in the order it is
+# produced: learning-rate sweeps per optimizer, three seeds per optimizer at the chosen
+# rates (the presets' defaults), SoftAdam's eta x lr grid, then the tables and figures.
+#
+#   bash scripts/reproduce_cpu.sh            # everything not finished yet
+#   bash scripts/reproduce_cpu.sh ptb-lr     # one stage: ptb-lr iwslt-lr ptb iwslt eta-lr report
+#
+# Every run writes its record only when it has finished and is skipped once it has one,
+# so this can be stopped at any point and rerun later; an interrupted run resumes from
+# its own checkpoints. Two runs go at once with one thread each (JOBS=1 for one). On
+# the 2-core build machine a PTB run takes about 14 minutes alone and a translation run
+# about 17; the whole set is many hours, meant to be produced over several sittings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+JOBS=${JOBS:-2}
+DATA_BIN=data/multi30k.tokenized.de-en/data-bin
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(ptb-lr iwslt-lr ptb iwslt eta-lr report)
+
+sweep() { "$PY" scripts/sweep.py "$@"; }
+needs_translation_data() {
+  [ -f "$DATA_BIN/dict.de.txt" ] || "$PY" scripts/prepare_iwslt14.py --corpus multi30k --raw-dir ../shared/data/multi30k
+}
+
+for stage in "${stages[@]}"; do
+  echo "=== stage $stage"
+  case $stage in
+    ptb-lr)  # seed 1, the full cpu budget (3 epochs)
+      sweep ptb --optimizer softadam --lr 10 30 60 120 250 --results results/cpu/sweeps/ptb_lr --jobs "$JOBS" -- --preset cpu
+      sweep ptb --optimizer sgd --lr 10 30 60 --results results/cpu/sweeps/ptb_lr --jobs "$JOBS" -- --preset cpu
+      sweep ptb --optimizer adam --lr 0.001 0.003 0.01 --results results/cpu/sweeps/ptb_lr --jobs "$JOBS" -- --preset cpu
+      ;;
+    iwslt-lr)  # seed 1, the full cpu budget (700 updates); diverged runs leave no record
+      needs_translation_data
+      for spec in "softadam 0.3 0.5 1" "sgd 0.1 0.3" "adamw 0.0003 0.001 0.003"; do
+        set -- $spec
+        sweep iwslt14 --optimizer "$1" --lr "${@:2}" --results results/cpu/sweeps/iwslt14_lr --jobs "$JOBS" \
+          -- --preset cpu --data-bin "$DATA_BIN" || true
+      done
+      ;;
+    ptb)  # three seeds at the preset's rates
+      for opt in softadam sgd adam; do
+        for seed in 1 2 3; do echo "$PY hf_examples/run_language_modeling.py --optimizer $opt --seed $seed --preset cpu"; done
+      done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS=$([ "$JOBS" -gt 1 ] && echo 1 || nproc) sh -c {}
+      ;;
+    iwslt)
+      needs_translation_data
+      for opt in softadam sgd adamw; do
+        for seed in 1 2 3; do
+          echo "$PY scripts/run_iwslt14.py --optimizer $opt --seed $seed --preset cpu --data-bin $DATA_BIN"
+        done
+      done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS=$([ "$JOBS" -gt 1 ] && echo 1 || nproc) sh -c {}
+      ;;
+    eta-lr)  # SoftAdam's sensitivity: one epoch of the cpu model per cell
+      sweep ptb --optimizer softadam --eta 0 0.5 1 2 4 10 --lr 10 30 100 300 \
+        --results results/cpu/sweeps/ptb_eta_lr --jobs "$JOBS" -- --preset cpu --epochs 1
+      ;;
+    report)
+      "$PY" scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_lr --by-lr
+      "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/sweeps/iwslt14_lr --by-lr
+      "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb \
+        --plot docs/figures/ptb_cpu_valid_ppl.png --title "PTB AWD-LSTM, cpu preset"
+      "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/iwslt14 \
+        --plot docs/figures/iwslt14_cpu_valid_ppl.png --title "Multi30k De-En transformer, cpu preset"
+      "$PY" scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_eta_lr \
+        --heatmap docs/figures/ptb_softadam_eta_lr.png --title "SoftAdam on PTB (cpu model, 1 epoch)"
+      ;;
+    *) echo "unknown stage $stage (ptb-lr iwslt-lr ptb iwslt eta-lr report)" >&2; exit 2 ;;
+  esac
+done
