@@ -87,13 +87,28 @@ def markdown_table(records: list[dict], experiment: str, by_lr: bool = False) ->
     return "\n".join(lines) + "\n"
 
 
-def plot_train_curves(records: list[dict], path: Path, title: str, ylabel: str = "training loss (as logged)") -> Path:
-    """Logged training loss against the optimizer step, one line per run: the curve for
-    runs too short to have more than one validation point (the demo)."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on build machines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def plot_train_curves(records: list[dict], path: Path, title: str, ylabel: str = "training loss (as logged)") -> Path:
+    """Logged training loss against the optimizer step, one line per run: the curve for
+    runs too short to have more than one validation point (the demo)."""
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for record in sorted(records, key=lambda r: (r["optimizer"], r.get("seed", 0))):
@@ -107,19 +122,12 @@ def plot_train_curves(records: list[dict], path: Path, title: str, ylabel: str =
     ax.grid(True, alpha=0.3)
     if ax.lines:
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
     """Validation perplexity per epoch, mean over seeds per optimizer (Figure 2 style)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -139,11 +147,7 @@ def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     if curves:
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def softadam_eta(record: dict) -> float | None:
@@ -184,10 +188,7 @@ def sensitivity_table(records: list[dict], metric: str = "valid_ppl") -> str:
 def plot_sensitivity_heatmap(records: list[dict], path: Path, title: str, metric: str = "valid_ppl") -> Path:
     """SoftAdam's eta x learning-rate grid as a heatmap of ``metric`` (log colour scale,
     capped at 3x the best so one diverged cell does not wash out the rest)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
     from matplotlib.colors import LogNorm
 
@@ -213,8 +214,4 @@ def plot_sensitivity_heatmap(records: list[dict], path: Path, title: str, metric
     ax.set_ylabel("eta")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label=f"{metric.replace('_', ' ')} (capped at 3x best)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
