@@ -230,15 +230,16 @@ def dry_run(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_si
           f"lr at step 0: {scheduler.get_last_lr()[0]:g}")
     print(f"# model {model.config.to_diff_dict()} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     print(f"# {num_training_steps:,} optimizer steps ({args.epochs} epochs, batch {args.batch_size}, bptt {args.bptt}); "
-          f"record -> {record_path(args.results or default_results(args.preset, 'ptb'), args.optimizer, args.seed)}")
+          f"record -> {awd_record_path(args)}")
     return 0
 
 
+def awd_record_path(args: argparse.Namespace) -> Path:
+    return record_path(args.results or default_results(args.preset, "ptb"), args.optimizer, args.seed)
+
+
 def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_size: int, argv: list[str]) -> int:
-    path = record_path(args.results or default_results(args.preset, "ptb"), args.optimizer, args.seed)
-    if path.exists() and not args.force:
-        print(f"{path} exists: skipping (--force reruns)")
-        return 0
+    path = awd_record_path(args)
     if args.force and args.output_dir.exists():
         shutil.rmtree(args.output_dir)
     model, training_args, num_training_steps = awd_lstm_setup(args, streams, vocab_size)
@@ -309,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.hub_dataset and args.data_dir:
         print("error: give --data-dir or --hub-dataset, not both", file=sys.stderr)
         return 2
+    if args.model == "awd_lstm" and not (args.dry_run or args.force) and awd_record_path(args).exists():
+        print(f"{awd_record_path(args)} exists: skipping (--force reruns)")  # before the data: nothing to do
+        return 0
     try:
         if args.hub_dataset:
             raw, args.data_source = load_ptb_hub(args.hub_dataset, verify=not args.no_verify), args.hub_dataset
