@@ -310,18 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.hub_dataset and args.data_dir:
         print("error: give --data-dir or --hub-dataset, not both", file=sys.stderr)
         return 2
-    if args.model == "awd_lstm" and not (args.dry_run or args.force) and awd_record_path(args).exists():
-        print(f"{awd_record_path(args)} exists: skipping (--force reruns)")  # before the data: nothing to do
-        return 0
+    finished = args.model == "awd_lstm" and not (args.dry_run or args.force) and awd_record_path(args).exists()
     try:
         if args.hub_dataset:
-            raw, args.data_source = load_ptb_hub(args.hub_dataset, verify=not args.no_verify), args.hub_dataset
+            if not finished:  # the hub copy can only be checked by downloading it
+                raw, args.data_source = load_ptb_hub(args.hub_dataset, verify=not args.no_verify), args.hub_dataset
         else:
-            files = ptb_files(args.data_dir, verify=not args.no_verify)
-            raw, args.data_source = load_text(files), str(files["train"].parent)
+            files = ptb_files(args.data_dir, verify=not args.no_verify)  # a wrong or missing copy fails either way
+            if not finished:
+                raw, args.data_source = load_text(files), str(files["train"].parent)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if finished:  # skip before tokenizing: nothing to train
+        print(f"{awd_record_path(args)} exists: skipping (--force reruns)")
+        return 0
     tokenizer = word_tokenizer(raw["train"]["text"])
     streams = token_streams(raw, tokenizer)
     print(f"PTB from {args.data_source}: vocabulary {len(tokenizer):,}, tokens "

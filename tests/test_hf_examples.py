@@ -119,13 +119,13 @@ def test_awd_lstm_run_writes_a_record_reports_and_skips_finished_runs(tmp_path: 
 
 
 def test_missing_data_fails_clearly(tmp_path: Path) -> None:
-    result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path)
+    result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path, "--results", tmp_path / "r")
     assert result.returncode == 2 and "ptb.train.txt" in result.stderr
 
 
 def test_ptb_with_the_wrong_md5_fails_clearly(tmp_path: Path) -> None:
     write_ptb_layout(tmp_path / "ptb")
-    result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path / "ptb")
+    result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--results", tmp_path / "r")
     assert result.returncode == 2 and "expected f26c4b92c5fdc7b3f8c7cdcb991d8420" in result.stderr
     assert "--no-verify" in result.stderr
 
