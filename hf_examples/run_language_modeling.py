@@ -209,6 +209,10 @@ def awd_lstm_setup(args: argparse.Namespace, streams: dict[str, torch.Tensor],
     return model, training_args, steps_per_epoch * args.epochs
 
 
+def awd_record_path(args: argparse.Namespace) -> Path:
+    return record_path(args.results or default_results(args.preset, "ptb"), args.optimizer, args.seed)
+
+
 def dry_run(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_size: int, argv: list[str]) -> int:
     """Print what a run would do, its TrainingArguments as flags that the installed
     transformers' parser has accepted, and build (not step) its optimizer and schedule."""
@@ -232,10 +236,6 @@ def dry_run(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_si
     print(f"# {num_training_steps:,} optimizer steps ({args.epochs} epochs, batch {args.batch_size}, bptt {args.bptt}); "
           f"record -> {awd_record_path(args)}")
     return 0
-
-
-def awd_record_path(args: argparse.Namespace) -> Path:
-    return record_path(args.results or default_results(args.preset, "ptb"), args.optimizer, args.seed)
 
 
 def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_size: int, argv: list[str]) -> int:

@@ -77,6 +77,11 @@ OPTIMIZERS = {  # per optimizer: fairseq options and the default learning rate p
 }
 
 
+def device_flags() -> list[str]:
+    """fairseq runs on the GPU when there is one; ``--cpu`` otherwise."""
+    return [] if torch.cuda.is_available() else ["--cpu"]
+
+
 def train_command(args: argparse.Namespace, save_dir: Path, log_file: Path) -> list[str]:
     budget = BUDGET[args.preset]
     max_update = args.max_update or budget["max_update"]
@@ -95,7 +100,7 @@ def train_command(args: argparse.Namespace, save_dir: Path, log_file: Path) -> l
         "--max-tokens", str(budget["max_tokens"]), "--seed", str(args.seed),
         "--save-dir", str(save_dir), "--keep-last-epochs", str(args.average_last),
         "--log-format", "json", "--log-interval", str(max(1, min(50, max_update // 10))), "--log-file", str(log_file),
-        *(["--cpu"] if not torch.cuda.is_available() else []),
+        *device_flags(),
     ]
 
 
@@ -132,7 +137,7 @@ def validate_command(args: argparse.Namespace, checkpoint: Path) -> list[str]:
     return [fairseq_tool("fairseq-validate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
             "--path", str(checkpoint), "--valid-subset", "valid", "--max-tokens", "4096",
             "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--log-format", "json", *(["--cpu"] if not torch.cuda.is_available() else [])]
+            "--log-format", "json", *device_flags()]
 
 
 def generate_command(args: argparse.Namespace, checkpoint: Path) -> list[str]:
@@ -141,7 +146,7 @@ def generate_command(args: argparse.Namespace, checkpoint: Path) -> list[str]:
     return [fairseq_tool("fairseq-generate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--path", str(checkpoint),
             "--beam", str(BUDGET[args.preset]["beam"]), "--remove-bpe", "--max-len-a", "1.2", "--max-len-b", "10",
             "--batch-size", "128", "--required-batch-size-multiple", "1",
-            *(["--cpu"] if not torch.cuda.is_available() else [])]
+            *device_flags()]
 
 
 def validate(args: argparse.Namespace, checkpoint: Path) -> dict:
