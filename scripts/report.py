@@ -6,7 +6,7 @@
 
 Rows are optimizers (mean ± std over the seeds found), with the paper's figures in
 adjacent columns; the plot is validation perplexity per epoch, mean over seeds.
---by-lr tabulates a learning-rate sweep; --heatmap PNG tabulates and draws SoftAdam's
+--by-lr tabulates a learning-rate sweep (and --plot draws it against the rate); --heatmap PNG tabulates and draws SoftAdam's
 eta x learning-rate sensitivity grid:
 
     python scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_eta_lr \
@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from softadam_nlp.experiments.reporting import (
-    COLUMNS, load_records, markdown_table, plot_sensitivity_heatmap, plot_valid_curves, sensitivity_table,
+    COLUMNS, load_records, markdown_table, plot_lr_sweep, plot_sensitivity_heatmap, plot_valid_curves,
+    sensitivity_table,
 )
 
 
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", choices=sorted(COLUMNS), required=True)
     p.add_argument("--records", type=Path, required=True, help="folder of run records (*.json, searched recursively)")
-    p.add_argument("--plot", type=Path, default=None, help="write the curves to this PNG")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="write the curves to this PNG (with --by-lr: the metric against the learning rate)")
     p.add_argument("--title", default=None)
     p.add_argument("--by-lr", action="store_true", help="one row per optimizer and learning rate (an lr sweep)")
     p.add_argument("--heatmap", type=Path, default=None,
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(markdown_table(records, args.experiment, by_lr=args.by_lr))
     if args.plot:
-        plot_valid_curves(records, args.plot, args.title or f"{args.experiment}: validation perplexity")
+        title = args.title or f"{args.experiment}: validation perplexity"
+        (plot_lr_sweep if args.by_lr else plot_valid_curves)(records, args.plot, title)
         print(f"plot: {args.plot}")
     return 0
 

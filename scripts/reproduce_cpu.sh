@@ -15,11 +15,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 JOBS=${JOBS:-2}
+# Threads per run: one each when runs share the cores, all of them for a lone run. Set
+# THREADS=1 with JOBS=1 to run two stages side by side in two shells.
+THREADS=${THREADS:-$([ "$JOBS" -gt 1 ] && echo 1 || nproc)}
 DATA_BIN=data/multi30k.tokenized.de-en/data-bin
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(ptb-lr iwslt-lr ptb iwslt eta-lr report)
 
-sweep() { "$PY" scripts/sweep.py "$@"; }
+sweep() { OMP_NUM_THREADS="$THREADS" "$PY" scripts/sweep.py "$@"; }
 needs_translation_data() {
   [ -f "$DATA_BIN/dict.de.txt" ] || "$PY" scripts/prepare_iwslt14.py --corpus multi30k --raw-dir ../shared/data/multi30k
 }
@@ -43,7 +46,7 @@ for stage in "${stages[@]}"; do
     ptb)  # three seeds at the preset's rates
       for opt in softadam sgd adam; do
         for seed in 1 2 3; do echo "$PY hf_examples/run_language_modeling.py --optimizer $opt --seed $seed --preset cpu"; done
-      done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS=$([ "$JOBS" -gt 1 ] && echo 1 || nproc) sh -c {}
+      done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS="$THREADS" sh -c {}
       ;;
     iwslt)
       needs_translation_data
@@ -51,15 +54,17 @@ for stage in "${stages[@]}"; do
         for seed in 1 2 3; do
           echo "$PY scripts/run_iwslt14.py --optimizer $opt --seed $seed --preset cpu --data-bin $DATA_BIN"
         done
-      done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS=$([ "$JOBS" -gt 1 ] && echo 1 || nproc) sh -c {}
+      done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS="$THREADS" sh -c {}
       ;;
     eta-lr)  # SoftAdam's sensitivity: one epoch of the cpu model per cell
       sweep ptb --optimizer softadam --eta 0 0.5 1 2 4 10 --lr 10 30 100 300 \
         --results results/cpu/sweeps/ptb_eta_lr --jobs "$JOBS" -- --preset cpu --epochs 1
       ;;
     report)
-      "$PY" scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_lr --by-lr
-      "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/sweeps/iwslt14_lr --by-lr
+      "$PY" scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_lr --by-lr \
+        --plot docs/figures/ptb_cpu_lr_sweep.png --title "PTB AWD-LSTM, cpu preset: lr sweep (seed 1)"
+      "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/sweeps/iwslt14_lr --by-lr \
+        --plot docs/figures/iwslt14_cpu_lr_sweep.png --title "Multi30k De-En, cpu preset: lr sweep (seed 1)"
       "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb \
         --plot docs/figures/ptb_cpu_valid_ppl.png --title "PTB AWD-LSTM, cpu preset"
       "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/iwslt14 \

@@ -136,6 +136,18 @@ def test_sweep_table_has_a_row_per_learning_rate() -> None:
     assert "| softadam | 1 | 1 | 81.00 | 80.00 | 4.02 |" in table
 
 
+def test_report_draws_a_sweep_against_the_learning_rate(tmp_path: Path) -> None:
+    records = [{"experiment": "ptb", "optimizer": opt, "seed": 1, "config": {"lr": lr}, "valid_ppl": ppl, "test_ppl": ppl}
+               for opt, lr, ppl in (("sgd", 10, 350.0), ("sgd", 30, 233.0), ("sgd", 60, float("nan")),
+                                    ("adam", 0.003, 198.0))]
+    for i, record in enumerate(records):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(record))
+    result = run_script("report.py", "--experiment", "ptb", "--records", tmp_path, "--by-lr", "--plot", tmp_path / "lr.png")
+    assert result.returncode == 0, result.stderr
+    assert "| sgd | 30 | 1 |" in result.stdout and "| adam | 0.003 | 1 |" in result.stdout
+    assert (tmp_path / "lr.png").stat().st_size > 10_000
+
+
 def test_sensitivity_grid_table_and_heatmap(tmp_path: Path) -> None:
     def trainer_record(eta: float, lr: float, ppl: float, seed: int = 1) -> dict:
         return {"experiment": "ptb", "optimizer": "softadam", "seed": seed, "config": {"lr": lr, "eta": eta},

@@ -50,7 +50,11 @@ def last_epoch_valid_ppl(record: dict) -> float | None:
     return values[-1] if values else None
 
 
-def mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float | None]) -> str:
+    """``mean ± std`` over the runs that have the value ("-" when none has it)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
@@ -146,6 +150,35 @@ def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     if curves:
+        ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_lr_sweep(records: list[dict], path: Path, title: str, metric: str = "valid_ppl") -> Path:
+    """``metric`` against the learning rate, one line per optimizer (mean over seeds, log-log
+    axes): where each optimizer's best rate lies and how sharply it degrades around it.
+    Learning rates differ by orders of magnitude across optimizers, hence one x axis in log."""
+    plt = pyplot()
+
+    points: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        value = float(record[metric])
+        if math.isfinite(value):
+            points[record["optimizer"]][learning_rate(record)].append(value)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for optimizer in sorted(points, key=lambda o: OPTIMIZER_ORDER.index(o) if o in OPTIMIZER_ORDER else 99):
+        lrs = sorted(points[optimizer])
+        means = [statistics.mean(points[optimizer][lr]) for lr in lrs]
+        (line,) = ax.plot(lrs, means, marker="o", label=optimizer)
+        best = min(range(len(lrs)), key=means.__getitem__)
+        ax.plot([lrs[best]], [means[best]], marker="*", markersize=14, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (mean over seeds; star: best)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if points:
         ax.legend()
     return save_figure(fig, path)
 
