@@ -6,10 +6,12 @@ math in the package: the fairseq and transformers adapters wrap :class:`SoftAdam
 
 Layout follows ``torch/optim/adam.py``: the :class:`SoftAdam` class gathers state
 per parameter group and calls the functional :func:`softadam`, which dispatches to a
-per-tensor execution (:func:`_single_tensor_softadam`) or a multi-tensor
-``torch._foreach_*`` execution (:func:`_multi_tensor_softadam`). Both use the step
-coefficients from :func:`_step_coefficients`, so the scalar part of the algorithm is
-written once.
+per-tensor execution (:func:`_single_tensor_softadam`), a multi-tensor
+``torch._foreach_*`` execution (:func:`_multi_tensor_softadam`) or a fused CPU kernel
+(:func:`_fused_softadam`, C++ in ``csrc/``). All three use the step coefficients from
+:func:`_step_coefficients`, so the scalar part of the algorithm is written once; the
+per-tensor and foreach executions are the readable reference that the fused one is
+tested against.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from torch.optim.optimizer import (
     _get_value,
     _use_grad_for_differentiable,
 )
+
+from softadam_nlp._fused import fused_cpu_kernel, fused_cpu_unavailable_reason
 
 __all__ = ["SoftAdam", "softadam"]
 
@@ -86,13 +90,24 @@ class SoftAdam(Optimizer):
         weight_decay: decoupled weight decay :math:`\lambda`, as in AdamW (default: 0).
         nesterov: use the Nesterov numerator (default: False).
         maximize: maximise the objective instead of minimising it (default: False).
-        foreach: force the multi-tensor (True) or per-tensor (False) execution;
-            ``None`` picks as ``torch.optim`` does (multi-tensor when every parameter
-            is on a device with foreach kernels, e.g. CUDA; per-tensor on CPU).
+        foreach: force the multi-tensor (True) or per-tensor (False) execution.
+        fused: use (True) or never use (False) the fused CPU kernel. ``None`` (the
+            default) picks the fused kernel when every parameter of a group is a
+            contiguous CPU tensor and the kernel is available (it is compiled once per
+            machine on first use and cached; ``make setup`` builds it ahead), and
+            otherwise picks as ``torch.optim`` does: multi-tensor on devices with
+            foreach kernels (CUDA), per-tensor elsewhere.
 
     Parameters in bfloat16 or float16 keep ``exp_avg`` and ``exp_avg_sq`` in
     float32 and do the update arithmetic in float32, rounding into the parameter
     once per step.
+
+    The fused execution computes :math:`\bar v_t` without a pass over :math:`v_t`,
+    from :math:`\bar v_t = \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t})
+    \operatorname{mean}(g_t^2)`, keeping :math:`\bar v` per parameter in float64
+    (state ``exp_avg_sq_mean``); it agrees with the reference executions to float
+    rounding. The state is dropped whenever another execution (or ``eta=0``) updates
+    :math:`v` and rebuilt from :math:`v` when the fused execution next needs it.
     """
 
     def __init__(
@@ -107,6 +122,7 @@ class SoftAdam(Optimizer):
         *,
         maximize: bool = False,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
         _check_hyperparameters(lr=lr, betas=betas, eps=eps, eta=eta, weight_decay=weight_decay)
         defaults = dict(
@@ -118,10 +134,15 @@ class SoftAdam(Optimizer):
             nesterov=nesterov,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
             # Read by torch's _use_grad_for_differentiable; SoftAdam is not differentiable.
             differentiable=False,
         )
         super().__init__(params, defaults)
+        if fused and foreach is not None:
+            raise ValueError(f"fused=True cannot be combined with foreach={foreach}: pick one execution")
+        if fused and fused_cpu_kernel() is None:
+            raise RuntimeError(f"fused=True, but SoftAdam's fused CPU kernel {fused_cpu_unavailable_reason()}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Groups may override any hyperparameter: validate each group, not only the
@@ -145,6 +166,7 @@ class SoftAdam(Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
             group.setdefault("differentiable", False)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -152,11 +174,12 @@ class SoftAdam(Optimizer):
 
         ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state
         tensor to its parameter's dtype, which would round the float32 moments of a
-        bfloat16 parameter to bfloat16 and break bit-exact resumption. The moments are
-        therefore restored from the saved tensors at the state dtype.
+        bfloat16 parameter to bfloat16 (and the fused execution's float64 mean of v to
+        the parameter's dtype) and break bit-exact resumption. These tensors are
+        therefore restored from the saved ones at their own dtypes.
         """
         saved_moments = {
-            param_id: {k: state[k] for k in ("exp_avg", "exp_avg_sq") if k in state}
+            param_id: {k: state[k] for k in _STATE_DTYPE_KEYS if k in state}
             for param_id, state in state_dict["state"].items()
         }
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
@@ -165,8 +188,23 @@ class SoftAdam(Optimizer):
         for param_id, param in zip(saved_ids, params):
             for key, value in saved_moments.get(param_id, {}).items():
                 self.state[param][key] = value.to(
-                    device=param.device, dtype=_state_dtype(param), copy=True
+                    device=param.device, dtype=_STATE_DTYPE_KEYS[key](param), copy=True
                 )
+
+    def _use_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """Whether this step of ``group`` runs the fused kernel (see ``fused`` in the class doc)."""
+        # An explicit foreach=True/False asks for that execution; fused needs None there.
+        if group["fused"] is False or group["foreach"] is not None or not params:
+            return False
+        supported = not torch.compiler.is_compiling() and all(
+            p.device.type == "cpu" and p.is_contiguous() and p.grad.is_contiguous() for p in params
+        )
+        if group["fused"] and not supported:
+            raise RuntimeError(
+                "fused=True needs contiguous CPU parameters and gradients, outside torch.compile; "
+                "use fused=None to fall back to the other executions"
+            )
+        return supported and fused_cpu_kernel() is not None
 
     def _init_group(
         self,
@@ -221,6 +259,8 @@ class SoftAdam(Optimizer):
             exp_avg_sqs: list[Tensor] = []
             state_steps: list[Tensor] = []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            fused = self._use_fused(group, params)
+            exp_avg_sq_means = self._exp_avg_sq_means(params, fused and group["eta"] != 0)
             beta1, beta2 = group["betas"]
             softadam(
                 params,
@@ -228,7 +268,9 @@ class SoftAdam(Optimizer):
                 exp_avgs,
                 exp_avg_sqs,
                 state_steps,
-                foreach=group["foreach"],
+                exp_avg_sq_means=exp_avg_sq_means,
+                foreach=False if fused else group["foreach"],
+                fused=fused,
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -239,6 +281,31 @@ class SoftAdam(Optimizer):
                 maximize=group["maximize"],
             )
         return loss
+
+
+    def _exp_avg_sq_means(self, params: list[Tensor], keep: bool) -> Optional[list[Tensor]]:
+        """The fused execution's float64 ``mean(v)`` per parameter when ``keep``: rebuilt from
+        ``v`` where absent. Otherwise dropped: another execution (or ``eta=0``, where the
+        kernel skips it) is about to update ``v`` without it, which would leave it stale."""
+        if not keep:
+            for p in params:
+                self.state[p].pop("exp_avg_sq_mean", None)
+            return None
+        means = []
+        for p in params:
+            state = self.state[p]
+            if "exp_avg_sq_mean" not in state:
+                state["exp_avg_sq_mean"] = state["exp_avg_sq"].mean(dtype=torch.float64)
+            means.append(state["exp_avg_sq_mean"])
+        return means
+
+
+# State tensors whose dtype is not the parameter's, and the dtype each is kept in.
+_STATE_DTYPE_KEYS: dict[str, Callable[[Tensor], torch.dtype]] = {
+    "exp_avg": _state_dtype,
+    "exp_avg_sq": _state_dtype,
+    "exp_avg_sq_mean": lambda param: torch.float64,
+}
 
 
 def _check_hyperparameters(
@@ -302,7 +369,9 @@ def softadam(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
+    exp_avg_sq_means: Optional[list[Tensor]] = None,
     foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -316,17 +385,29 @@ def softadam(
 
     See :class:`SoftAdam` for the algorithm. ``exp_avgs`` and ``exp_avg_sqs`` are in
     the state dtype of each parameter (float32 for bfloat16/float16 parameters);
-    ``state_steps`` are 0-dim tensors incremented here.
+    ``state_steps`` are 0-dim tensors incremented here. ``fused=True`` runs the fused
+    CPU kernel, which with ``eta != 0`` needs ``exp_avg_sq_means``: float64 0-dim
+    tensors holding ``mean(v)`` of the previous step (zero before the first), updated
+    here. ``fused=None`` means False in this functional form; :class:`SoftAdam` picks.
     """
-    if foreach is None:
-        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    func = _multi_tensor_softadam if foreach else _single_tensor_softadam
+    if fused:
+        if foreach:
+            raise ValueError("fused=True and foreach=True cannot both be set: pick one execution")
+        if eta != 0 and exp_avg_sq_means is None:
+            raise ValueError("the fused execution needs exp_avg_sq_means (mean(v) per parameter, float64)")
+        func = _fused_softadam
+    else:
+        if foreach is None:
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+        func = _multi_tensor_softadam if foreach else _single_tensor_softadam
+        exp_avg_sq_means = None
     func(
         params,
         grads,
         exp_avgs,
         exp_avg_sqs,
         state_steps,
+        exp_avg_sq_means,
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -344,6 +425,7 @@ def _single_tensor_softadam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    exp_avg_sq_means: None,
     *,
     lr: float,
     beta1: float,
@@ -394,6 +476,7 @@ def _multi_tensor_softadam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    exp_avg_sq_means: None,
     *,
     lr: float,
     beta1: float,
@@ -471,3 +554,43 @@ def _multi_tensor_softadam(
             torch._foreach_addcdiv_(work, numerators, denoms, -lr * (1 + eta))
         if work is not device_params:
             torch._foreach_copy_(device_params, work)
+
+
+def _fused_softadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    exp_avg_sq_means: Optional[list[Tensor]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    eta: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    if len(params) == 0:
+        return
+    kernel = fused_cpu_kernel()
+    if kernel is None:
+        raise RuntimeError(f"fused=True, but SoftAdam's fused CPU kernel {fused_cpu_unavailable_reason()}")
+    torch._foreach_add_(state_steps, 1)
+    steps = [_get_value(s) for s in state_steps]
+    if all(s == steps[0] for s in steps):  # the usual case: every tensor on the same step
+        coefficients = [_step_coefficients(steps[0], beta2, eta)] * len(steps)
+    else:
+        coefficients = [_step_coefficients(s, beta2, eta) for s in steps]
+    beta2_t, weight, denom_offset, denom_scale = (list(c) for c in zip(*coefficients))
+    # With eta = 0 the kernel computes no denominator and never reads the means.
+    means = exp_avg_sq_means if eta != 0 else [_UNUSED_MEAN] * len(params)
+    kernel.fused_softadam_(
+        params, grads, exp_avgs, exp_avg_sqs, means, beta2_t, weight, denom_offset, denom_scale,
+        lr, beta1, eps * eps, eta, weight_decay, nesterov, maximize,  # eps^2 floored per dtype there
+    )
+
+
+_UNUSED_MEAN = torch.zeros((), dtype=torch.float64)

@@ -1,0 +1,77 @@
+"""The fused CPU kernel (``csrc/fused_softadam_cpu.cpp``): built on first use, cached on disk.
+
+The kernel is compiled with the system C++ compiler by ``torch.utils.cpp_extension.load``
+the first time a fused step runs (about a minute), into torch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later processes load
+the cached library in well under a second. ``make setup`` builds it ahead of time.
+Building at import time rather than at ``pip install`` keeps installation free of a
+build-time torch (pip's build isolation would fetch one).
+
+Where no compiler is available the build fails once, :func:`fused_cpu_kernel` warns and
+returns None, and SoftAdam keeps to its per-tensor and foreach executions.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "fused_softadam_cpu.cpp"
+
+_kernel: Optional[ModuleType] = None
+_failure: Optional[str] = None
+
+
+def _compiler_flags() -> list[str]:
+    # -ffp-contract=off: every operation rounds as written, the same on every build
+    # (whether the compiler may fuse multiply-adds depends on the target). -fno-math-errno lets
+    # the compiler vectorise sqrt. The vector width follows what torch detected on this
+    # CPU; the cache is keyed by these flags, so machines sharing a cache do not mix builds.
+    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mf16c"]
+    elif capability == "AVX2":
+        flags += ["-mavx2", "-mf16c"]
+    return flags
+
+
+def fused_cpu_kernel(verbose: bool = False) -> Optional[ModuleType]:
+    """The compiled kernel module, building it on first use; None (with one warning)
+    where it cannot be built. Set SOFTADAM_NO_FUSED=1 to never build or use it."""
+    global _kernel, _failure
+    if _kernel is not None or _failure is not None:
+        return _kernel
+    if os.environ.get("SOFTADAM_NO_FUSED"):
+        _failure = "is disabled (SOFTADAM_NO_FUSED is set)"
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        capability = torch.backends.cpu.get_cpu_capability().lower()
+        _kernel = load(
+            name=f"softadam_fused_cpu_{capability}",
+            sources=[str(SOURCE)],
+            extra_cflags=_compiler_flags(),
+            extra_ldflags=["-fopenmp"],
+            verbose=verbose,
+        )
+    except Exception as error:  # no compiler, no headers, a failed build: keep training on the reference paths
+        _failure = "could not be built ({})".format(f"{type(error).__name__}: {error}".splitlines()[0])
+        warnings.warn(
+            f"SoftAdam's fused CPU kernel {_failure}; using the per-tensor execution",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _kernel
+
+
+def fused_cpu_unavailable_reason() -> Optional[str]:
+    """Why the kernel is unavailable ("could not be built (...)", "is disabled (...)")
+    after :func:`fused_cpu_kernel` returned None; None otherwise."""
+    return _failure

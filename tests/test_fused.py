@@ -1,0 +1,180 @@
+"""The fused CPU execution: agreement with the reference executions over long runs, its
+float64 mean-of-v state, how SoftAdam picks it, and what happens without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from softadam_nlp import SoftAdam
+from softadam_nlp.softadam import softadam
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, so tensors above the kernel's grain take its parallel branch."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def shapes() -> list[tuple[int, ...]]:
+    # One tensor large enough to be split between threads (> 2 x 32768 elements), the
+    # rest small: a bias, a matrix, a scalar-like tensor and an odd length.
+    return [(300, 400), (400,), (64, 64), (1,), (1001,)]
+
+
+def run(path: dict, dtype: torch.dtype, steps: int, nesterov: bool = False, eta: float = 1.0,
+        weight_decay: float = 0.01, seed: int = 0) -> tuple[list[torch.nn.Parameter], SoftAdam]:
+    """``steps`` SoftAdam steps on fixed pseudo-random gradients whose scale differs by tensor."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes()]
+    opt = SoftAdam(params, lr=0.01, eta=eta, weight_decay=weight_decay, nesterov=nesterov, **path)
+    for _ in range(steps):
+        for i, p in enumerate(params):
+            p.grad = (torch.randn(p.shape, generator=g) * 10.0 ** (i - 2)).to(dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["plain", "nesterov"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_matches_per_tensor_over_hundreds_of_steps(two_threads, dtype: torch.dtype, nesterov: bool) -> None:
+    fused, fused_opt = run(dict(fused=True), dtype, 300, nesterov)
+    reference, reference_opt = run(dict(foreach=False), dtype, 300, nesterov)
+    for p, q in zip(fused, reference):
+        if dtype == torch.float32:
+            # Rounding differences random-walk over 300 steps; the foreach execution
+            # drifts from the per-tensor one by the same order (a few 1e-7 of the scale).
+            assert (p - q).abs().max() <= 1e-5 * q.abs().max()
+        else:  # allow a bf16 rounding step where the float32 results straddle a boundary
+            assert ((p.float() - q.float()).abs() <= 2 * 2**-8 * q.float().abs() + 1e-6).all()
+        # The state is the reference's too, and the float64 mean is the mean of v.
+        s, t = fused_opt.state[p], reference_opt.state[q]
+        torch.testing.assert_close(s["exp_avg_sq"], t["exp_avg_sq"], rtol=1e-5, atol=0)
+        assert s["exp_avg_sq_mean"].dtype == torch.float64
+        torch.testing.assert_close(s["exp_avg_sq_mean"], s["exp_avg_sq"].double().mean(), rtol=1e-5, atol=0)
+        assert "exp_avg_sq_mean" not in t
+
+
+def test_fused_is_deterministic_and_independent_of_thread_count() -> None:
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            params, _ = run(dict(fused=True), torch.float32, 20)
+            results.setdefault(threads, []).append(params)
+    finally:
+        torch.set_num_threads(before)
+    for p, q in zip(*results[1]):
+        assert torch.equal(p, q)  # run to run: the same bits
+    for p, q in zip(results[1][0], results[2][0]):  # threads only regroup one float64 sum
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_default_on_cpu_is_fused_and_an_explicit_foreach_is_honoured() -> None:
+    default, default_opt = run({}, torch.float32, 3)
+    _, per_tensor_opt = run(dict(foreach=False), torch.float32, 3)
+    assert all("exp_avg_sq_mean" in default_opt.state[p] for p in default)
+    assert all("exp_avg_sq_mean" not in s for s in per_tensor_opt.state.values())
+
+
+def test_switching_executions_and_eta_rebuilds_the_mean(two_threads) -> None:
+    # fused -> per-tensor -> fused, and eta 1 -> 0 -> 1 (an eta schedule): the kernel's
+    # carried mean must never go stale. The run must match the per-tensor execution.
+    g = torch.Generator().manual_seed(5)
+    init = [torch.randn(s, generator=g) for s in shapes()]
+    grads = [[torch.randn(s, generator=g) for s in shapes()] for _ in range(40)]
+    schedule = [(dict(fused=None, foreach=None), 1.0)] * 10 + [(dict(fused=None, foreach=False), 1.0)] * 10 \
+        + [(dict(fused=None, foreach=None), 0.0)] * 10 + [(dict(fused=None, foreach=None), 1.0)] * 10
+    switching = [torch.nn.Parameter(p.clone()) for p in init]
+    reference = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = SoftAdam(switching, lr=0.01)
+    ref = SoftAdam(reference, lr=0.01, foreach=False)
+    for (execution, eta), step_grads in zip(schedule, grads):
+        opt.param_groups[0].update(execution, eta=eta)
+        ref.param_groups[0]["eta"] = eta
+        for p, q, grad in zip(switching, reference, step_grads):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+        has_mean = ["exp_avg_sq_mean" in opt.state[p] for p in switching]
+        assert all(has_mean) if execution["foreach"] is None and eta != 0 else not any(has_mean)
+    for p, q in zip(switching, reference):
+        assert (p - q).abs().max() <= 1e-5 * q.abs().max()
+
+
+def test_fused_falls_back_or_refuses_where_it_cannot_run() -> None:
+    w = torch.nn.Parameter(torch.randn(4, 6).t())  # a non-contiguous parameter
+    w.grad = torch.ones(6, 4)
+    opt = SoftAdam([w], lr=0.1)  # default: falls back to the per-tensor execution
+    opt.step()
+    assert "exp_avg_sq_mean" not in opt.state[w]
+    with pytest.raises(RuntimeError, match="contiguous CPU parameters"):
+        SoftAdam([w], lr=0.1, fused=True).step()
+    with pytest.raises(ValueError, match="fused=True cannot be combined with foreach"):
+        SoftAdam([w], fused=True, foreach=False)
+
+
+def test_functional_fused_needs_the_means() -> None:
+    p = torch.zeros(3)
+    with pytest.raises(ValueError, match="exp_avg_sq_means"):
+        softadam([p], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], [torch.tensor(0.0)], fused=True,
+                 lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, eta=1.0, weight_decay=0.0, nesterov=False, maximize=False)
+
+
+def test_kernel_rejects_mismatched_inputs() -> None:
+    from softadam_nlp._fused import fused_cpu_kernel
+
+    kernel = fused_cpu_kernel()
+    p, m, v, mean = torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros((), dtype=torch.float64)
+    args = ([1.0], [0.0], [1.0], [0.0], 0.1, 0.9, 1e-16, 1.0, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="parameter's size"):
+        kernel.fused_softadam_([p], [torch.zeros(5)], [m], [v], [mean], *args)
+    with pytest.raises(RuntimeError, match="state dtype"):
+        kernel.fused_softadam_([p], [torch.zeros(4)], [m.double()], [v], [mean], *args)
+    with pytest.raises(RuntimeError, match="float64 scalars"):
+        kernel.fused_softadam_([p], [torch.zeros(4)], [m], [v], [mean.float()], *args)
+
+
+def run_isolated(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=600)
+
+
+def test_without_the_kernel_softadam_warns_once_and_keeps_training(tmp_path: Path) -> None:
+    # A machine whose compiler fails: a fresh extension cache and a "compiler" that
+    # always fails. Training goes on with the per-tensor execution; fused=True says why not.
+    code = """
+        import warnings, torch
+        from softadam_nlp import SoftAdam
+        w = torch.nn.Parameter(torch.ones(3))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = SoftAdam([w], lr=0.1)
+            for _ in range(3):
+                w.grad = torch.ones(3)
+                opt.step()
+        print("warnings", sum("fused CPU kernel could not be built" in str(c.message) for c in caught))
+        print("mean kept", "exp_avg_sq_mean" in opt.state[w], "moved", bool((w < 1).all()))
+        try:
+            SoftAdam([w], fused=True)
+        except RuntimeError as error:
+            print("refused:", error)
+    """
+    result = run_isolated(code, TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"), CXX="false")
+    assert result.returncode == 0, result.stderr
+    assert "warnings 1" in result.stdout and "mean kept False moved True" in result.stdout
+    assert "refused: fused=True, but SoftAdam's fused CPU kernel could not be built" in result.stdout
+    disabled = run_isolated(code, SOFTADAM_NO_FUSED="1")
+    assert "warnings 0" in disabled.stdout and "mean kept False moved True" in disabled.stdout
