@@ -25,6 +25,10 @@ $(STAMP): requirements/constraints.txt setup.py Makefile
 	$(PY) -c "import torch, fairseq, transformers, datasets, sacrebleu, softadam_nlp; \
 	          print('environment ready: torch', torch.__version__, '| fairseq', fairseq.__version__, \
 	                '| transformers', transformers.__version__)"
+	@# SoftAdam's fused CPU kernel compiles on first use (about a minute, then cached
+	@# in ~/.cache/torch_extensions): build it now, so no run pays for it.
+	$(PY) -c "from softadam_nlp._fused import fused_cpu_kernel, fused_cpu_unavailable_reason as why; \
+	          print('SoftAdam fused CPU kernel:', 'ready' if fused_cpu_kernel() else why())"
 	touch $@
 
 test: $(STAMP)

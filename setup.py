@@ -17,7 +17,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["softadam_nlp", "softadam_nlp.*"]),
-    install_requires=["torch>=2.4"],
+    # The fused CPU kernel's source, compiled on first use (softadam_nlp/_fused.py),
+    # which needs ninja besides the system C++ compiler.
+    package_data={"softadam_nlp": ["csrc/*.cpp"]},
+    install_requires=["torch>=2.4", "ninja"],
     extras_require={
         # fairseq itself is installed separately (see the Makefile): its 0.12.2
         # release does not build on Python 3.11 and the fork that does must be

@@ -1,12 +1,19 @@
 #!/usr/bin/env python
-"""Time one optimizer step on the parameter shapes of fairseq's transformer_iwslt_de_en.
+"""Time one optimizer step on the parameter shapes of a model (--workload):
+
+- ``transformer`` (default): fairseq's transformer_iwslt_de_en, 36.7M parameters in 253 tensors;
+- ``awd_lstm``: the paper's 3-layer AWD-LSTM for PTB (the recipe's sizes), 24M in 14 tensors;
+- ``single``: one tensor of 100M elements.
 
 Every optimizer gets its own copy of the parameters (and the same fixed gradients);
 rounds interleave the optimizers so that they see the same machine load, and the
 report gives per-step medians and their ratio to torch's fused AdamW measured in the
 same run. The result is a Markdown table on stdout and, with --json, a record file.
+--first-step also times what SoftAdam's fused kernel costs before its first step, in
+fresh processes: building it into an empty cache, and loading it from the cache.
 
-    python scripts/bench_optimizer.py --json results/bench/optimizer_step.json
+    python scripts/bench_optimizer.py --workload transformer --first-step \
+        --json results/bench/optimizer_step_cpu_transformer.json
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,6 +56,21 @@ def transformer_iwslt_de_en_shapes(vocab_size: int) -> list[torch.Size]:
 
     model = TransformerModel.build_model(args, Task())
     return [p.shape for p in model.parameters()]
+
+
+def awd_lstm_shapes() -> list[torch.Size]:
+    """Parameter shapes of the paper's PTB model (the AWD-LSTM recipe: 400/1150, 3 layers, tied decoder)."""
+    from softadam_nlp.models.awd_lstm import AWDLSTMConfig, AWDLSTMForLanguageModeling
+
+    return [p.shape for p in AWDLSTMForLanguageModeling(AWDLSTMConfig()).parameters()]
+
+
+WORKLOADS: dict[str, Callable[[argparse.Namespace], list[torch.Size]]] = {
+    "transformer": lambda args: transformer_iwslt_de_en_shapes(args.vocab_size),
+    "awd_lstm": lambda args: awd_lstm_shapes(),
+    "single": lambda args: [torch.Size([100_000_000])],
+    "tiny": lambda args: [torch.Size([64, 32]), torch.Size([32]), torch.Size([10])],  # the script's own test
+}
 
 
 class PaperLoop:
@@ -87,6 +111,7 @@ def build_optimizers(shapes: list[torch.Size], grads: list[torch.Tensor]) -> dic
 
     return {
         "SoftAdam (default path)": SoftAdam(params(), lr=LR, eta=ETA, weight_decay=WEIGHT_DECAY).step,
+        "SoftAdam fused": SoftAdam(params(), lr=LR, eta=ETA, weight_decay=WEIGHT_DECAY, fused=True).step,
         "SoftAdam per-tensor": SoftAdam(params(), lr=LR, eta=ETA, weight_decay=WEIGHT_DECAY, foreach=False).step,
         "SoftAdam foreach": SoftAdam(params(), lr=LR, eta=ETA, weight_decay=WEIGHT_DECAY, foreach=True).step,
         "paper per-tensor loop": PaperLoop(params()).step,
@@ -97,11 +122,42 @@ def build_optimizers(shapes: list[torch.Size], grads: list[torch.Tensor]) -> dic
 
 
 def default_softadam_path(device: torch.device) -> str:
+    """The execution SoftAdam picks by default for parameters on ``device``."""
+    p = torch.nn.Parameter(torch.zeros(1, device=device))
+    p.grad = torch.zeros(1, device=device)
+    opt = SoftAdam([p])
+    opt.step()
+    if "exp_avg_sq_mean" in opt.state[p]:
+        return "fused"
     from torch.optim.optimizer import _default_to_fused_or_foreach
 
-    p = torch.zeros(1, device=device)
     _, foreach = _default_to_fused_or_foreach([p], differentiable=False, use_fused=False)
     return "foreach" if foreach else "per-tensor"
+
+
+FIRST_STEP = """
+import time
+start = time.perf_counter()
+import torch
+from softadam_nlp import SoftAdam
+w = torch.nn.Parameter(torch.zeros(1000))
+w.grad = torch.ones(1000)
+imported = time.perf_counter()
+SoftAdam([w], fused=True).step()
+print(time.perf_counter() - imported)
+"""
+
+
+def first_step_seconds() -> dict[str, float]:
+    """Seconds from import to the end of the first fused step, in fresh processes: with an
+    empty extension cache (the kernel is compiled) and again with the cache it left."""
+    def timed(cache: str) -> float:
+        result = subprocess.run([sys.executable, "-c", FIRST_STEP], capture_output=True, text=True, check=True,
+                                env={**os.environ, "TORCH_EXTENSIONS_DIR": cache})
+        return float(result.stdout.strip().splitlines()[-1])
+
+    with tempfile.TemporaryDirectory() as cache:
+        return {"cold_cache_build": timed(cache), "warm_cache_load": timed(cache)}
 
 
 def machine_description() -> dict[str, object]:
@@ -124,6 +180,10 @@ def machine_description() -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="transformer",
+                        help="whose parameter shapes to step (default: transformer)")
+    parser.add_argument("--first-step", action="store_true",
+                        help="also time the fused kernel's build (empty cache) and load (warm cache) in fresh processes")
     parser.add_argument("--vocab-size", type=int, default=10152,
                         help="shared source/target dictionary size (default: 10152, the joined IWSLT'14 "
                              "De-En dictionary with 10k BPE merges)")
@@ -139,11 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
+    first_step = None
+    if args.first_step:
+        print("timing the fused kernel's first step in fresh processes (a cold build takes about a minute)",
+              file=sys.stderr, flush=True)
+        first_step = first_step_seconds()
     torch.manual_seed(0)
-    shapes = transformer_iwslt_de_en_shapes(args.vocab_size)
+    shapes = WORKLOADS[args.workload](args)
     n_params = sum(math.prod(s) for s in shapes)
-    print(f"transformer_iwslt_de_en shapes: {n_params:,} parameters in {len(shapes)} tensors "
-          f"(vocab {args.vocab_size:,}); {torch.get_num_threads()} threads", flush=True)
+    print(f"{args.workload} shapes: {n_params:,} parameters in {len(shapes)} tensors; "
+          f"{torch.get_num_threads()} threads", flush=True)
     grads = [torch.randn(s) * 1e-3 for s in shapes]
     steps = build_optimizers(shapes, grads)
     for step in steps.values():
@@ -167,19 +232,28 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|")
     for name, median in medians.items():
         print(f"| {name} | {median:.1f} | {median / reference:.2f} |")
+    speedup = medians["paper per-tensor loop"] / medians["SoftAdam (default path)"]
+    print(f"\ndefault SoftAdam step: {speedup:.2f}x faster than the paper's per-tensor loop")
+    if first_step:
+        print(f"fused kernel before its first step: {first_step['cold_cache_build']:.1f} s to build into an "
+              f"empty cache, {first_step['warm_cache_load']:.2f} s to load from the cache")
 
     if args.json:
         record = {
             "command": "python scripts/bench_optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_description(),
-            "model": {"name": "transformer_iwslt_de_en", "vocab_size": args.vocab_size,
-                      "parameters": n_params, "tensors": len(shapes)},
+            "workload": args.workload,
+            "model": {"parameters": n_params, "tensors": len(shapes),
+                      **({"name": "transformer_iwslt_de_en", "vocab_size": args.vocab_size}
+                         if args.workload == "transformer" else {})},
             "rounds": args.rounds,
             "steps_per_round": args.steps_per_round,
             "softadam_default_path": default_path,
             "median_ms_per_step": medians,
             "ratio_to_fused_adamw": {k: v / reference for k, v in medians.items()},
+            "default_speedup_over_paper_loop": speedup,
+            "fused_first_step_seconds": first_step,
             "per_round_ms": times,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -178,3 +178,19 @@ def test_without_the_kernel_softadam_warns_once_and_keeps_training(tmp_path: Pat
     assert "refused: fused=True, but SoftAdam's fused CPU kernel could not be built" in result.stdout
     disabled = run_isolated(code, SOFTADAM_NO_FUSED="1")
     assert "warnings 0" in disabled.stdout and "mean kept False moved True" in disabled.stdout
+
+
+def test_step_benchmark_reports_every_execution_against_fused_adamw(tmp_path: Path) -> None:
+    import json
+
+    record_path = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_optimizer.py"), "--workload", "tiny",
+                             "--rounds", "2", "--steps-per-round", "1", "--warmup", "1", "--json", str(record_path)],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "SoftAdam's default path on CPU: fused" in result.stdout
+    for row in ("| SoftAdam fused |", "| SoftAdam per-tensor |", "| AdamW fused | ", "| paper per-tensor loop |"):
+        assert row in result.stdout
+    record = json.loads(record_path.read_text())
+    assert record["workload"] == "tiny" and record["model"] == {"parameters": 64 * 32 + 32 + 10, "tensors": 3}
+    assert record["ratio_to_fused_adamw"]["AdamW fused"] == 1.0 and len(record["per_round_ms"]["SoftAdam fused"]) == 2

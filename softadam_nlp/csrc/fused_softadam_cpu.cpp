@@ -11,9 +11,11 @@
 // Both passes run inside one parallel region per tensor: each thread sums its own
 // contiguous slice, the threads meet at a barrier to add the slices' sums (in a fixed
 // order, so a step is deterministic for a given thread count), and each thread then
-// updates the slice it has just read, from its end back, where the gradient is still
-// in cache. One region instead of two halves the fork/join cost of the many mid-sized
-// tensors of a transformer.
+// updates the slice it has just read (what is still in its cache is read again from
+// there). One region instead of two halves the fork/join cost of the many mid-sized
+// tensors of a transformer. (Updating the slice from its end back, to start where the
+// sum pass left off, measured about 1 ms slower per step on the transformer's shapes
+// than going forward, which the hardware prefetchers follow best.)
 //
 // Arithmetic is float32 for float32/bfloat16/float16 parameters (state in float32) and
 // float64 for float64 ones, in the order of the per-tensor reference path, each
@@ -34,7 +36,7 @@
 namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per thread at least: smaller tensors run on one thread
-constexpr int64_t kBlock = 4096;   // elements per block (16 KiB of float32): the unit of cache reuse
+constexpr int64_t kBlock = 4096;   // elements per float partial sum, before it is added in float64
 constexpr int64_t kLanes = 64;     // independent partial sums in the sum-of-squares loop
 
 template <typename opmath_t>
@@ -74,28 +76,25 @@ double sum_of_squares(const param_t* __restrict__ grad, int64_t begin, int64_t e
   return total;
 }
 
-// The update of [begin, end), blocks from the end back (see the file comment). The
-// branches are template parameters, so the inner loop has none and vectorises.
+// The update of [begin, end). The branches are template parameters,
+// so the inner loop has none and vectorises.
 template <typename param_t, typename opmath_t, bool kNesterov, bool kUseDenom>
 void update_range(param_t* __restrict__ param, const param_t* __restrict__ grad, opmath_t* __restrict__ exp_avg,
                   opmath_t* __restrict__ exp_avg_sq, int64_t begin, int64_t end, const Coefficients<opmath_t> c,
                   const opmath_t denom_scale) {
-  for (int64_t block_end = end; block_end > begin; block_end -= kBlock) {
-    const int64_t block_begin = std::max(begin, block_end - kBlock);
 #pragma omp simd
-    for (int64_t i = block_begin; i < block_end; ++i) {
-      const opmath_t g = static_cast<opmath_t>(grad[i]) * c.grad_sign;
-      const opmath_t m = exp_avg[i] * c.beta1 + g * c.one_minus_beta1;
-      const opmath_t v = exp_avg_sq[i] * c.beta2_t + g * g * c.weight;
-      exp_avg[i] = m;
-      exp_avg_sq[i] = v;
-      const opmath_t numerator = kNesterov ? m * c.beta1 + g * c.one_minus_beta1 : m;
-      const opmath_t p = static_cast<opmath_t>(param[i]) * c.decay;
-      // Without the denominator (eta = 0) d = 1 exactly: SGD with momentum.
-      param[i] = static_cast<param_t>(kUseDenom ? p + c.step_size * (numerator / (std::sqrt(v) * denom_scale +
-                                                                                  c.denom_offset))
-                                                : p + c.step_size * numerator);
-    }
+  for (int64_t i = begin; i < end; ++i) {
+    const opmath_t g = static_cast<opmath_t>(grad[i]) * c.grad_sign;
+    const opmath_t m = exp_avg[i] * c.beta1 + g * c.one_minus_beta1;
+    const opmath_t v = exp_avg_sq[i] * c.beta2_t + g * g * c.weight;
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+    const opmath_t numerator = kNesterov ? m * c.beta1 + g * c.one_minus_beta1 : m;
+    const opmath_t p = static_cast<opmath_t>(param[i]) * c.decay;
+    // Without the denominator (eta = 0) d = 1 exactly: SGD with momentum.
+    param[i] = static_cast<param_t>(kUseDenom ? p + c.step_size * (numerator / (std::sqrt(v) * denom_scale +
+                                                                                c.denom_offset))
+                                              : p + c.step_size * numerator);
   }
 }
 
