@@ -118,6 +118,10 @@ def build_optimizers(shapes: list[torch.Size], grads: list[torch.Tensor]) -> dic
         "AdamW foreach": torch.optim.AdamW(params(), lr=1e-3, weight_decay=WEIGHT_DECAY, foreach=True).step,
         "AdamW fused": torch.optim.AdamW(params(), lr=1e-3, weight_decay=WEIGHT_DECAY, fused=True).step,
         "SGD momentum": torch.optim.SGD(params(), lr=LR, momentum=0.9).step,
+        # Not an optimizer: one read of every gradient, the pass SoftAdam needs beyond
+        # AdamW's (for mean(g^2)); fused AdamW plus this is SoftAdam's floor where the
+        # gradients do not stay in cache between the two passes.
+        "read g once (norms)": lambda: torch._foreach_norm(grads),
     }
 
 

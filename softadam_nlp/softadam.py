@@ -91,12 +91,14 @@ class SoftAdam(Optimizer):
         nesterov: use the Nesterov numerator (default: False).
         maximize: maximise the objective instead of minimising it (default: False).
         foreach: force the multi-tensor (True) or per-tensor (False) execution.
-        fused: use (True) or never use (False) the fused CPU kernel. ``None`` (the
-            default) picks the fused kernel when every parameter of a group is a
+        fused: use (True) or never use (False) a fused execution. ``None`` (the
+            default) picks the fused CPU kernel when every parameter of a group is a
             contiguous CPU tensor and the kernel is available (it is compiled once per
             machine on first use and cached; ``make setup`` builds it ahead), and
             otherwise picks as ``torch.optim`` does: multi-tensor on devices with
-            foreach kernels (CUDA), per-tensor elsewhere.
+            foreach kernels (CUDA), per-tensor elsewhere. On CUDA, ``fused=True``
+            runs the step through ``torch.compile`` (Triton kernels, compiled on the
+            first step and cached by torch across runs).
 
     Parameters in bfloat16 or float16 keep ``exp_avg`` and ``exp_avg_sq`` in
     float32 and do the update arithmetic in float32, rounding into the parameter
@@ -141,7 +143,8 @@ class SoftAdam(Optimizer):
         super().__init__(params, defaults)
         if fused and foreach is not None:
             raise ValueError(f"fused=True cannot be combined with foreach={foreach}: pick one execution")
-        if fused and fused_cpu_kernel() is None:
+        on_cpu = any(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
+        if fused and on_cpu and fused_cpu_kernel() is None:
             raise RuntimeError(f"fused=True, but SoftAdam's fused CPU kernel {fused_cpu_unavailable_reason()}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -192,17 +195,20 @@ class SoftAdam(Optimizer):
                 )
 
     def _use_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        """Whether this step of ``group`` runs the fused kernel (see ``fused`` in the class doc)."""
+        """Whether this step of ``group`` runs a fused execution (see ``fused`` in the class doc)."""
         # An explicit foreach=True/False asks for that execution; fused needs None there.
         if group["fused"] is False or group["foreach"] is not None or not params:
             return False
+        if group["fused"] and all(p.device.type == "cuda" for p in params) and not torch.compiler.is_compiling():
+            return True  # the compiled CUDA execution, on request only
         supported = not torch.compiler.is_compiling() and all(
             p.device.type == "cpu" and p.is_contiguous() and p.grad.is_contiguous() for p in params
         )
         if group["fused"] and not supported:
             raise RuntimeError(
-                "fused=True needs contiguous CPU parameters and gradients, outside torch.compile; "
-                "use fused=None to fall back to the other executions"
+                "fused=True needs contiguous CPU parameters and gradients, or CUDA parameters (all of a "
+                "group on one kind of device), outside torch.compile; use fused=None to fall back to "
+                "the other executions"
             )
         return supported and fused_cpu_kernel() is not None
 
@@ -386,16 +392,18 @@ def softadam(
     See :class:`SoftAdam` for the algorithm. ``exp_avgs`` and ``exp_avg_sqs`` are in
     the state dtype of each parameter (float32 for bfloat16/float16 parameters);
     ``state_steps`` are 0-dim tensors incremented here. ``fused=True`` runs the fused
-    CPU kernel, which with ``eta != 0`` needs ``exp_avg_sq_means``: float64 0-dim
-    tensors holding ``mean(v)`` of the previous step (zero before the first), updated
-    here. ``fused=None`` means False in this functional form; :class:`SoftAdam` picks.
+    CPU kernel (or, for parameters on another device, the ``torch.compile``-d
+    execution), which with ``eta != 0`` needs ``exp_avg_sq_means``: float64 0-dim
+    tensors on the parameters' device holding ``mean(v)`` of the previous step (zero
+    before the first), updated here. ``fused=None`` means False in this functional
+    form; :class:`SoftAdam` picks.
     """
     if fused:
         if foreach:
             raise ValueError("fused=True and foreach=True cannot both be set: pick one execution")
         if eta != 0 and exp_avg_sq_means is None:
             raise ValueError("the fused execution needs exp_avg_sq_means (mean(v) per parameter, float64)")
-        func = _fused_softadam
+        func = _compiled_softadam if params and params[0].device.type != "cpu" else _fused_softadam
     else:
         if foreach is None:
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -594,3 +602,85 @@ def _fused_softadam(
 
 
 _UNUSED_MEAN = torch.zeros((), dtype=torch.float64)
+
+
+def _compiled_softadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    exp_avg_sq_means: Optional[list[Tensor]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    eta: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """The fused algorithm (mean of v by its recurrence) as one ``torch.compile``-d function:
+    on CUDA, Triton kernels that each update a tensor in one pass after a reduction over its
+    gradient. Every per-step number enters as a device tensor, so the graph compiles once."""
+    if len(params) == 0:
+        return
+    torch._foreach_add_(state_steps, 1)
+    steps = [_get_value(s) for s in state_steps]
+    rows = []
+    for step in steps:
+        beta2_t, weight, denom_offset, denom_scale = _step_coefficients(step, beta2, eta)
+        rows.append([beta2_t, weight, denom_offset, denom_scale, -lr * (1 + eta), 1 - lr * weight_decay])
+    table = torch.tensor(rows, dtype=torch.float64).to(params[0].device, non_blocking=True)
+    means = exp_avg_sq_means if eta != 0 else [torch.zeros((), dtype=torch.float64, device=p.device) for p in params]
+    new_means = _compiled_step()(params, grads, exp_avgs, exp_avg_sqs, means, table, beta1, eps * eps, eta != 0,
+                                 nesterov, maximize)
+    if eta != 0:
+        # Returned rather than written inside the graph: an in-graph copy into a 0-dim
+        # CPU tensor input is not written back by torch.compile (seen with torch 2.13).
+        torch._foreach_copy_(means, new_means)
+
+
+def _step_body(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    means: list[Tensor], table: Tensor, beta1: float, eps_squared: float, use_denom: bool, nesterov: bool,
+    maximize: bool,
+) -> list[Tensor]:
+    # The arithmetic of csrc/fused_softadam_cpu.cpp, tensor by tensor (unrolled by the
+    # tracer); table rows: beta2_t, 1 - beta2_t, denom offset, eta*gamma, -lr(1+eta), 1 - lr*wd.
+    # Returns mean(v) per tensor (the old value where use_denom is False).
+    new_means = []
+    for i, (param, grad, exp_avg, exp_avg_sq, mean) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, means)):
+        beta2_t, weight, denom_offset, denom_scale, step_size, decay = table[i].to(exp_avg.dtype).unbind()
+        g = grad.to(exp_avg.dtype)
+        if maximize:
+            g = -g
+        m = exp_avg * beta1 + g * (1 - beta1)
+        v = exp_avg_sq * beta2_t + g * g * weight
+        numerator = m * beta1 + g * (1 - beta1) if nesterov else m
+        p = param.to(exp_avg.dtype) * decay
+        if use_denom:
+            row = table[i]
+            new_mean = row[0] * mean + row[1] * g.double().square().mean()
+            floor = max(eps_squared, torch.finfo(exp_avg.dtype).tiny)
+            scale = (row[3] / (new_mean + floor).sqrt()).to(exp_avg.dtype)
+            p = p + step_size * (numerator / (v.sqrt() * scale + denom_offset))
+        else:
+            new_mean = mean
+            p = p + step_size * numerator
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        param.copy_(p)
+        new_means.append(new_mean)
+    return new_means
+
+
+_COMPILED_STEP: Optional[Callable[..., list[Tensor]]] = None
+
+
+def _compiled_step() -> Callable[..., list[Tensor]]:
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(_step_body, fullgraph=True, dynamic=False)
+    return _COMPILED_STEP
