@@ -68,7 +68,7 @@ def softadam_kwargs_from_args(args: TrainingArguments, **overrides: Any) -> dict
         "eps": args.adam_epsilon,
     }
     kwargs.update(overrides)
-    unknown = set(kwargs) - {"lr", "betas", "eps", "eta", "nesterov", "maximize", "foreach"}
+    unknown = set(kwargs) - {"lr", "betas", "eps", "eta", "nesterov", "maximize", "foreach", "fused"}
     if unknown:
         raise TypeError(
             f"unexpected SoftAdam argument(s) {sorted(unknown)}; weight decay comes from "

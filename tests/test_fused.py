@@ -261,3 +261,26 @@ def test_cuda_fused_through_the_optimizer_class() -> None:
         runs.append(params)
         assert ("exp_avg_sq_mean" in opt.state[params[0]]) == ("fused" in path)
     assert_same_run(runs[0], runs[1], torch.float32)
+
+
+def test_end_to_end_benchmark_compares_both_toolkits(tmp_path: Path) -> None:
+    import json
+
+    from fairseq_cli import make_translation_data_bin
+    from repo_scripts import run_repo_script
+
+    data_bin = make_translation_data_bin(tmp_path / "translation")
+    record_path = tmp_path / "e2e.json"
+    result = run_repo_script("scripts/bench_end_to_end.py", "--data-bin", data_bin, "--preset", "tiny",
+                             "--updates", "25", "--interval", "10", "--steps", "6", "--skip", "2",
+                             "--batch-size", "2", "--repeats", "1", "--json", record_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "softadam / adam =" in result.stdout and "softadam / adamw_torch_fused =" in result.stdout
+    record = json.loads(record_path.read_text())
+    for toolkit, baseline in (("fairseq", "adam"), ("trainer", "adamw_torch_fused")):
+        medians = record[toolkit]["median"]
+        assert medians["softadam"] > 0 and medians[baseline] > 0
+        assert record[toolkit]["ratio"] == medians["softadam"] / medians[baseline]
+    assert record["fairseq"]["runs"]["softadam"][0]["intervals"]  # logged words/s, the first interval left out
+    bad = run_repo_script("scripts/bench_end_to_end.py", "--toolkit", "fairseq", "--data-bin", tmp_path / "none")
+    assert bad.returncode == 2 and "no fairseq data-bin" in bad.stderr
