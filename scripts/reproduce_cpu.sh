@@ -33,7 +33,7 @@ for stage in "${stages[@]}"; do
     ptb-lr)  # seed 1, the full cpu budget (3 epochs)
       sweep ptb --optimizer softadam --lr 10 30 60 120 250 --results results/cpu/sweeps/ptb_lr --jobs "$JOBS" -- --preset cpu
       sweep ptb --optimizer sgd --lr 10 30 60 --results results/cpu/sweeps/ptb_lr --jobs "$JOBS" -- --preset cpu
-      sweep ptb --optimizer adam --lr 0.001 0.003 0.01 --results results/cpu/sweeps/ptb_lr --jobs "$JOBS" -- --preset cpu
+      sweep ptb --optimizer adam --lr 0.001 0.003 0.01 0.03 --results results/cpu/sweeps/ptb_lr --jobs "$JOBS" -- --preset cpu
       ;;
     iwslt-lr)  # seed 1, the full cpu budget (700 updates); diverged runs leave no record
       needs_translation_data
