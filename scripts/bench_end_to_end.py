@@ -18,8 +18,6 @@ out, and the report gives per-run medians, their median over runs and the ratio.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import subprocess
 import sys
@@ -30,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_optimizer import machine_description  # noqa: E402
+from bench_optimizer import write_bench_record  # noqa: E402
 from run_iwslt14 import MODELS, PLUGIN, device_flags  # noqa: E402
 
 from softadam_nlp.experiments.fairseq_runs import fairseq_tool, parse_fairseq_log  # noqa: E402
@@ -147,16 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         report[toolkit] = {"unit": unit, "median": medians, "ratio": ratio, "runs": runs}
 
     if args.json:
-        record = {
-            "command": "python scripts/bench_end_to_end.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_description(),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-            **report,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+        write_bench_record(args.json, "bench_end_to_end.py", argv, {"settings": settings, **report})
     return 0
 
 

@@ -139,6 +139,19 @@ def default_softadam_path(device: torch.device) -> str:
     return "foreach" if foreach else "per-tensor"
 
 
+def write_bench_record(path: Path, script: str, argv: list[str] | None, fields: dict) -> None:
+    """A benchmark's JSON record: its command line, the date, the machine, then ``fields``."""
+    record = {
+        "command": f"python scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        **fields,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
 FIRST_STEP = """
 import time
 start = time.perf_counter()
@@ -243,10 +256,7 @@ def main(argv: list[str] | None = None) -> int:
               f"empty cache, {first_step['warm_cache_load']:.2f} s to load from the cache")
 
     if args.json:
-        record = {
-            "command": "python scripts/bench_optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_description(),
+        write_bench_record(args.json, "bench_optimizer.py", argv, {
             "workload": args.workload,
             "model": {"parameters": n_params, "tensors": len(shapes),
                       **({"name": "transformer_iwslt_de_en", "vocab_size": args.vocab_size}
@@ -259,10 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "default_speedup_over_paper_loop": speedup,
             "fused_first_step_seconds": first_step,
             "per_round_ms": times,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+        })
     return 0
 
 

@@ -564,6 +564,18 @@ def _multi_tensor_softadam(
             torch._foreach_copy_(device_params, work)
 
 
+def _advance_steps(state_steps: list[Tensor], beta2: float, eta: float) -> list[list[float]]:
+    """Increment the step counters; return the per-tensor step coefficients of the fused
+    executions as four lists (beta2_t, 1 - beta2_t, denominator offset, eta*gamma)."""
+    torch._foreach_add_(state_steps, 1)
+    steps = [_get_value(s) for s in state_steps]
+    if all(s == steps[0] for s in steps):  # the usual case: every tensor on the same step
+        coefficients = [_step_coefficients(steps[0], beta2, eta)] * len(steps)
+    else:
+        coefficients = [_step_coefficients(s, beta2, eta) for s in steps]
+    return [list(c) for c in zip(*coefficients)]
+
+
 def _fused_softadam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -586,13 +598,7 @@ def _fused_softadam(
     kernel = fused_cpu_kernel()
     if kernel is None:
         raise RuntimeError(f"fused=True, but SoftAdam's fused CPU kernel {fused_cpu_unavailable_reason()}")
-    torch._foreach_add_(state_steps, 1)
-    steps = [_get_value(s) for s in state_steps]
-    if all(s == steps[0] for s in steps):  # the usual case: every tensor on the same step
-        coefficients = [_step_coefficients(steps[0], beta2, eta)] * len(steps)
-    else:
-        coefficients = [_step_coefficients(s, beta2, eta) for s in steps]
-    beta2_t, weight, denom_offset, denom_scale = (list(c) for c in zip(*coefficients))
+    beta2_t, weight, denom_offset, denom_scale = _advance_steps(state_steps, beta2, eta)
     # With eta = 0 the kernel computes no denominator and never reads the means.
     means = exp_avg_sq_means if eta != 0 else [_UNUSED_MEAN] * len(params)
     kernel.fused_softadam_(
@@ -626,13 +632,10 @@ def _compiled_softadam(
     gradient. Every per-step number enters as a device tensor, so the graph compiles once."""
     if len(params) == 0:
         return
-    torch._foreach_add_(state_steps, 1)
-    steps = [_get_value(s) for s in state_steps]
-    rows = []
-    for step in steps:
-        beta2_t, weight, denom_offset, denom_scale = _step_coefficients(step, beta2, eta)
-        rows.append([beta2_t, weight, denom_offset, denom_scale, -lr * (1 + eta), 1 - lr * weight_decay])
-    table = torch.tensor(rows, dtype=torch.float64).to(params[0].device, non_blocking=True)
+    coefficients = _advance_steps(state_steps, beta2, eta)
+    n = len(params)
+    rows = [*coefficients, [-lr * (1 + eta)] * n, [1 - lr * weight_decay] * n]
+    table = torch.tensor(rows, dtype=torch.float64).t().contiguous().to(params[0].device, non_blocking=True)
     means = exp_avg_sq_means if eta != 0 else [torch.zeros((), dtype=torch.float64, device=p.device) for p in params]
     new_means = _compiled_step()(params, grads, exp_avgs, exp_avg_sqs, means, table, beta1, eps * eps, eta != 0,
                                  nesterov, maximize)
