@@ -45,6 +45,14 @@ def _state_dtype(param: Tensor) -> torch.dtype:
     return torch.float32 if param.dtype in _LOW_PRECISION_DTYPES else param.dtype
 
 
+# State tensors whose dtype is not the parameter's, and the dtype each is kept in.
+_STATE_DTYPE_KEYS: dict[str, Callable[[Tensor], torch.dtype]] = {
+    "exp_avg": _state_dtype,
+    "exp_avg_sq": _state_dtype,
+    "exp_avg_sq_mean": lambda param: torch.float64,
+}
+
+
 class SoftAdam(Optimizer):
     r"""Implements SoftAdam (Algorithm 1 of the SoftAdam paper).
 
@@ -212,6 +220,22 @@ class SoftAdam(Optimizer):
             )
         return supported and fused_cpu_kernel() is not None
 
+    def _exp_avg_sq_means(self, params: list[Tensor], keep: bool) -> Optional[list[Tensor]]:
+        """The fused execution's float64 ``mean(v)`` per parameter when ``keep``: rebuilt from
+        ``v`` where absent. Otherwise dropped: another execution (or ``eta=0``, where the
+        kernel skips it) is about to update ``v`` without it, which would leave it stale."""
+        if not keep:
+            for p in params:
+                self.state[p].pop("exp_avg_sq_mean", None)
+            return None
+        means = []
+        for p in params:
+            state = self.state[p]
+            if "exp_avg_sq_mean" not in state:
+                state["exp_avg_sq_mean"] = state["exp_avg_sq"].mean(dtype=torch.float64)
+            means.append(state["exp_avg_sq_mean"])
+        return means
+
     def _init_group(
         self,
         group: dict[str, Any],
@@ -287,31 +311,6 @@ class SoftAdam(Optimizer):
                 maximize=group["maximize"],
             )
         return loss
-
-
-    def _exp_avg_sq_means(self, params: list[Tensor], keep: bool) -> Optional[list[Tensor]]:
-        """The fused execution's float64 ``mean(v)`` per parameter when ``keep``: rebuilt from
-        ``v`` where absent. Otherwise dropped: another execution (or ``eta=0``, where the
-        kernel skips it) is about to update ``v`` without it, which would leave it stale."""
-        if not keep:
-            for p in params:
-                self.state[p].pop("exp_avg_sq_mean", None)
-            return None
-        means = []
-        for p in params:
-            state = self.state[p]
-            if "exp_avg_sq_mean" not in state:
-                state["exp_avg_sq_mean"] = state["exp_avg_sq"].mean(dtype=torch.float64)
-            means.append(state["exp_avg_sq_mean"])
-        return means
-
-
-# State tensors whose dtype is not the parameter's, and the dtype each is kept in.
-_STATE_DTYPE_KEYS: dict[str, Callable[[Tensor], torch.dtype]] = {
-    "exp_avg": _state_dtype,
-    "exp_avg_sq": _state_dtype,
-    "exp_avg_sq_mean": lambda param: torch.float64,
-}
 
 
 def _check_hyperparameters(
