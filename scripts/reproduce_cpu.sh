@@ -4,7 +4,7 @@
 # rates (the presets' defaults), SoftAdam's eta x lr grid, then the tables and figures.
 #
 #   bash scripts/reproduce_cpu.sh            # everything not finished yet
-#   bash scripts/reproduce_cpu.sh ptb-lr     # one stage: ptb-lr iwslt-lr ptb iwslt eta-lr report
+#   bash scripts/reproduce_cpu.sh ptb-lr     # one stage: ptb-lr iwslt-lr ptb iwslt iwslt-long eta-lr report
 #
 # Every run writes its record only when it has finished and is skipped once it has one,
 # so this can be stopped at any point and rerun later; an interrupted run resumes from
@@ -20,7 +20,7 @@ JOBS=${JOBS:-2}
 THREADS=${THREADS:-$([ "$JOBS" -gt 1 ] && echo 1 || nproc)}
 DATA_BIN=data/multi30k.tokenized.de-en/data-bin
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(ptb-lr iwslt-lr ptb iwslt eta-lr report)
+[ ${#stages[@]} -gt 0 ] || stages=(ptb-lr iwslt-lr ptb iwslt iwslt-long eta-lr report)
 
 sweep() { OMP_NUM_THREADS="$THREADS" "$PY" scripts/sweep.py "$@"; }
 needs_translation_data() {
@@ -56,6 +56,14 @@ for stage in "${stages[@]}"; do
         done
       done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS="$THREADS" sh -c {}
       ;;
+    iwslt-long)  # seed 1 at three times the cpu budget (2,100 updates, the same warmup): does
+      # AdamW's early lead on Table 3 shrink with training time? (docs/RESULTS.md, Table 3)
+      needs_translation_data
+      for opt in softadam sgd adamw; do
+        echo "$PY scripts/run_iwslt14.py --optimizer $opt --seed 1 --preset cpu --data-bin $DATA_BIN --max-update 2100" \
+          "--results results/cpu/sweeps/iwslt14_2100updates --work-dir runs/iwslt14_2100updates"
+      done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS="$THREADS" sh -c {}
+      ;;
     eta-lr)  # SoftAdam's sensitivity: one epoch of the cpu model per cell
       sweep ptb --optimizer softadam --eta 0 0.5 1 2 4 10 --lr 10 30 100 300 \
         --results results/cpu/sweeps/ptb_eta_lr --jobs "$JOBS" -- --preset cpu --epochs 1
@@ -72,6 +80,6 @@ for stage in "${stages[@]}"; do
       "$PY" scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_eta_lr \
         --heatmap docs/figures/ptb_softadam_eta_lr.png --title "SoftAdam on PTB (cpu model, 1 epoch)"
       ;;
-    *) echo "unknown stage $stage (ptb-lr iwslt-lr ptb iwslt eta-lr report)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (ptb-lr iwslt-lr ptb iwslt iwslt-long eta-lr report)" >&2; exit 2 ;;
   esac
 done
