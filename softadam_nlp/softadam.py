@@ -207,16 +207,21 @@ class SoftAdam(Optimizer):
         # An explicit foreach=True/False asks for that execution; fused needs None there.
         if group["fused"] is False or group["foreach"] is not None or not params:
             return False
-        if group["fused"] and all(p.device.type == "cuda" for p in params) and not torch.compiler.is_compiling():
+        if group["fused"] and all(p.device.type == "cuda" and type(p.data) is Tensor for p in params) \
+                and not torch.compiler.is_compiling():
             return True  # the compiled CUDA execution, on request only
+        # Plain tensors only: the kernel reads raw memory, so on a tensor subclass such as
+        # FSDP2's sharded DTensor it would take the mean of v over the local shard.
         supported = not torch.compiler.is_compiling() and all(
-            p.device.type == "cpu" and p.is_contiguous() and p.grad.is_contiguous() for p in params
+            type(p.data) is Tensor and type(p.grad) is Tensor and p.device.type == "cpu"
+            and p.is_contiguous() and p.grad.is_contiguous()
+            for p in params
         )
         if group["fused"] and not supported:
             raise RuntimeError(
-                "fused=True needs contiguous CPU parameters and gradients, or CUDA parameters (all of a "
-                "group on one kind of device), outside torch.compile; use fused=None to fall back to "
-                "the other executions"
+                "fused=True needs plain (not subclassed, e.g. not DTensor) contiguous CPU parameters and "
+                "gradients, or CUDA parameters (all of a group on one kind of device), outside torch.compile; "
+                "use fused=None to fall back to the other executions"
             )
         return supported and fused_cpu_kernel() is not None
 

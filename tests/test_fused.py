@@ -122,6 +122,17 @@ def test_fused_falls_back_or_refuses_where_it_cannot_run() -> None:
     assert "exp_avg_sq_mean" not in opt.state[w]
     with pytest.raises(RuntimeError, match="contiguous CPU parameters"):
         SoftAdam([w], lr=0.1, fused=True).step()
+
+    class Subclass(torch.Tensor):  # stands for FSDP2's DTensor: the kernel would see one shard
+        pass
+
+    s = torch.nn.Parameter(torch.ones(4).as_subclass(Subclass))
+    s.grad = torch.ones(4)
+    opt = SoftAdam([s], lr=0.1)
+    opt.step()
+    assert "exp_avg_sq_mean" not in opt.state[s] and (s.detach() < 1).all()
+    with pytest.raises(RuntimeError, match="not DTensor"):
+        SoftAdam([s], lr=0.1, fused=True).step()
     with pytest.raises(ValueError, match="fused=True cannot be combined with foreach"):
         SoftAdam([w], fused=True, foreach=False)
 
