@@ -37,11 +37,14 @@ for stage in "${stages[@]}"; do
       ;;
     iwslt-lr)  # seed 1, the full cpu budget (700 updates); diverged runs leave no record
       needs_translation_data
-      for spec in "softadam 0.3 0.5 1" "sgd 0.1 0.3" "adamw 0.0003 0.001 0.003"; do
+      for spec in "softadam 0.3 0.5 1" "sgd 0.03 0.1 0.3" "adamw 0.0003 0.001 0.003"; do
         set -- $spec
         sweep iwslt14 --optimizer "$1" --lr "${@:2}" --results results/cpu/sweeps/iwslt14_lr --jobs "$JOBS" \
           -- --preset cpu --data-bin "$DATA_BIN" || true
       done
+      # Ablation: SoftAdam at its best rate with the baselines' 100 warmup updates.
+      sweep iwslt14 --optimizer softadam --lr 0.5 --results results/cpu/sweeps/iwslt14_softadam_warmup100 \
+        --jobs "$JOBS" -- --preset cpu --data-bin "$DATA_BIN" --warmup 100 || true
       ;;
     ptb)  # three seeds at the preset's rates
       for opt in softadam sgd adam; do

@@ -90,7 +90,7 @@ def train_command(args: argparse.Namespace, save_dir: Path, log_file: Path) -> l
     optimizer_args = list(spec["args"])
     if args.eta is not None:
         optimizer_args[optimizer_args.index("--softadam-eta") + 1] = str(args.eta)
-    warmup = budget["warmup"] if spec["warmup"] else 0
+    warmup = args.warmup if args.warmup is not None else budget["warmup"] if spec["warmup"] else 0
     return [
         fairseq_tool("fairseq-train"), str(args.data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
         *MODELS[args.preset], *optimizer_args, "--lr", str(lr),
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--eta", type=float, default=None, help="SoftAdam's eta (default: 1.0, the paper's)")
     p.add_argument("--max-update", type=int, default=None, help="override the preset's budget")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warmup updates (default: the preset's for AdamW and SGD, none for SoftAdam)")
     p.add_argument("--average-last", type=int, default=None, help="epoch checkpoints to average (preset's default)")
     p.add_argument("--results", type=Path, default=None,
                    help="folder for the run's record (default: results/<preset>/iwslt14)")
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.eta is not None and (args.optimizer != "softadam" or args.eta < 0):
         p.error("--eta is SoftAdam's and must be >= 0")
+    if args.warmup is not None and args.warmup < 0:
+        p.error("--warmup must be >= 0")
     if not args.dry_run and not (args.data_bin / "dict.de.txt").is_file():
         p.error(f"{args.data_bin} is not a fairseq data-bin (no dict.de.txt); run scripts/prepare_iwslt14.py first")
     args.average_last = args.average_last or BUDGET[args.preset]["average_last"]

@@ -230,3 +230,17 @@ def test_eta_reaches_fairseq_and_is_softadams_alone(tmp_path: Path) -> None:
     assert result.returncode == 0 and "--softadam-eta 2.5" in result.stdout
     refused = run_script("run_iwslt14.py", "--dry-run", "--optimizer", "adamw", "--eta", 1, "--data-bin", tmp_path)
     assert refused.returncode == 2 and "--eta is SoftAdam's" in refused.stderr
+
+
+def test_warmup_override_reaches_fairseq(tmp_path: Path) -> None:
+    def warmup_of(*extra: object) -> str:
+        result = run_script("run_iwslt14.py", "--dry-run", "--preset", "cpu", *extra, "--data-bin", tmp_path,
+                            "--work-dir", tmp_path / "work")
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split("--warmup-updates ", 1)[1].split()[0]
+
+    assert warmup_of("--optimizer", "softadam") == "0"  # the paper: SoftAdam without warmup
+    assert warmup_of("--optimizer", "adamw") == "100"  # the preset's
+    assert warmup_of("--optimizer", "softadam", "--warmup", 100) == "100"  # the ablation
+    refused = run_script("run_iwslt14.py", "--dry-run", "--optimizer", "sgd", "--warmup", -1, "--data-bin", tmp_path)
+    assert refused.returncode == 2 and "--warmup must be >= 0" in refused.stderr
