@@ -1,11 +1,12 @@
 """The fused CPU kernel (``csrc/fused_softadam_cpu.cpp``): built on first use, cached on disk.
 
 The kernel is compiled with the system C++ compiler by ``torch.utils.cpp_extension.load``
-the first time a fused step runs (about a minute), into torch's extension cache
-(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later processes load
-the cached library in well under a second. ``make setup`` builds it ahead of time.
-Building at import time rather than at ``pip install`` keeps installation free of a
-build-time torch (pip's build isolation would fetch one).
+the first time a fused step runs (25 s on the 2-core build machine, docs/RESULTS.md),
+into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``); later processes load the cached library in about a
+second. ``make setup`` builds it ahead of time. Building on first use rather than at
+``pip install`` keeps installation free of a build-time torch (pip's build isolation
+would fetch one).
 
 Where no compiler is available the build fails once, :func:`fused_cpu_kernel` warns and
 returns None, and SoftAdam keeps to its per-tensor and foreach executions.
