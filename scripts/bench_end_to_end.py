@@ -82,7 +82,9 @@ def trainer_samples_per_second(optimizer: str, steps: int, skip: int, batch_size
             self.times.append(time.perf_counter())
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=10_000, n_positions=128, n_embd=256, n_layer=4, n_head=4)
+    # bos/eos inside the small vocabulary (GPT-2's own 50256 is out of it and warns).
+    config = GPT2Config(vocab_size=10_000, n_positions=128, n_embd=256, n_layer=4, n_head=4,
+                        bos_token_id=9_999, eos_token_id=9_999)
     model = GPT2LMHeadModel(config)
     tokens = torch.randint(0, config.vocab_size, (steps * batch_size, 128), generator=torch.Generator().manual_seed(0))
     dataset = [{"input_ids": t, "labels": t} for t in tokens]
