@@ -32,6 +32,11 @@ from torch.optim.optimizer import (
 
 from softadam_nlp._fused import fused_cpu_kernel, fused_cpu_unavailable_reason
 
+try:  # torch builds without distributed support have no DTensor, and then none to handle
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
 __all__ = ["SoftAdam", "softadam"]
 
 # Parameters stored in these dtypes keep their optimizer state (and do the update
@@ -133,8 +138,10 @@ class SoftAdam(Optimizer):
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        nonfinite: str = "raise",
     ) -> None:
         _check_hyperparameters(lr=lr, betas=betas, eps=eps, eta=eta, weight_decay=weight_decay)
+        _check_nonfinite(nonfinite)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -145,10 +152,12 @@ class SoftAdam(Optimizer):
             maximize=maximize,
             foreach=foreach,
             fused=fused,
+            nonfinite=nonfinite,
             # Read by torch's _use_grad_for_differentiable; SoftAdam is not differentiable.
             differentiable=False,
         )
         super().__init__(params, defaults)
+        self.skipped_steps = 0  # steps refused by nonfinite="skip"
         if fused and foreach is not None:
             raise ValueError(f"fused=True cannot be combined with foreach={foreach}: pick one execution")
         on_cpu = any(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
@@ -167,6 +176,7 @@ class SoftAdam(Optimizer):
             eta=group["eta"],
             weight_decay=group["weight_decay"],
         )
+        _check_nonfinite(group["nonfinite"])
         for p in group["params"]:
             if torch.is_complex(p):
                 raise ValueError("SoftAdam does not support complex parameters")
@@ -178,7 +188,9 @@ class SoftAdam(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("nonfinite", "raise")
             group.setdefault("differentiable", False)
+        self.__dict__.setdefault("skipped_steps", 0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, keeping float32 moments for low-precision parameters.
@@ -210,18 +222,16 @@ class SoftAdam(Optimizer):
         if group["fused"] and all(p.device.type == "cuda" and type(p.data) is Tensor for p in params) \
                 and not torch.compiler.is_compiling():
             return True  # the compiled CUDA execution, on request only
-        # Plain tensors only: the kernel reads raw memory, so on a tensor subclass such as
-        # FSDP2's sharded DTensor it would take the mean of v over the local shard.
+        # The kernel reads raw memory: plain tensors, or the local shards of DTensors (FSDP2),
+        # whose means the step then takes over the whole tensor (_grad_sq_sums).
         supported = not torch.compiler.is_compiling() and all(
-            type(p.data) is Tensor and type(p.grad) is Tensor and p.device.type == "cpu"
-            and p.is_contiguous() and p.grad.is_contiguous()
-            for p in params
+            _kernel_can_update(p) and _kernel_can_update(p.grad) for p in params
         )
         if group["fused"] and not supported:
             raise RuntimeError(
-                "fused=True needs plain (not subclassed, e.g. not DTensor) contiguous CPU parameters and "
-                "gradients, or CUDA parameters (all of a group on one kind of device), outside torch.compile; "
-                "use fused=None to fall back to the other executions"
+                "fused=True needs contiguous CPU parameters and gradients (plain tensors, or DTensors "
+                "sharded or replicated over their mesh), or plain CUDA parameters (all of a group on one "
+                "kind of device), outside torch.compile; use fused=None to fall back to the other executions"
             )
         return supported and fused_cpu_kernel() is not None
 
@@ -237,7 +247,9 @@ class SoftAdam(Optimizer):
         for p in params:
             state = self.state[p]
             if "exp_avg_sq_mean" not in state:
-                state["exp_avg_sq_mean"] = state["exp_avg_sq"].mean(dtype=torch.float64)
+                mean = state["exp_avg_sq"].mean(dtype=torch.float64)
+                # Over the whole tensor: a DTensor's mean is resolved across its shards.
+                state["exp_avg_sq_mean"] = mean.full_tensor() if _is_dtensor(mean) else mean
             means.append(state["exp_avg_sq_mean"])
         return means
 
@@ -250,14 +262,7 @@ class SoftAdam(Optimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
     ) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    "SoftAdam does not support sparse gradients: the per-tensor mean of "
-                    "the second moment needs every element (use a dense embedding)"
-                )
+        for p in _params_with_grad(group):
             params.append(p)
             grads.append(p.grad)
             state = self.state[p]
@@ -287,7 +292,15 @@ class SoftAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        # Every gradient is checked before anything is written, so that a refused step leaves
+        # parameters and state as they were: one non-finite element would otherwise make
+        # the mean of v, and with it every element's step, of its whole tensor NaN.
+        grad_sq_sums = [_grad_sq_sums([p.grad for p in _params_with_grad(group)]) for group in self.param_groups]
+        if not self._gradients_finite(grad_sq_sums):
+            self.skipped_steps += 1
+            return loss
+
+        for group, group_grad_sq_sums in zip(self.param_groups, grad_sq_sums):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
@@ -304,6 +317,7 @@ class SoftAdam(Optimizer):
                 exp_avg_sqs,
                 state_steps,
                 exp_avg_sq_means=exp_avg_sq_means,
+                grad_sq_sums=group_grad_sq_sums,
                 foreach=False if fused else group["foreach"],
                 fused=fused,
                 lr=group["lr"],
@@ -316,6 +330,32 @@ class SoftAdam(Optimizer):
                 maximize=group["maximize"],
             )
         return loss
+
+    def _gradients_finite(self, grad_sq_sums: list[Tensor]) -> bool:
+        """True when every sum of squared gradients is finite. Otherwise False, to skip the
+        step, when every group with a non-finite gradient has ``nonfinite="skip"``; and a
+        ValueError naming the first such parameter when one has ``nonfinite="raise"``."""
+        if all(bool(torch.isfinite(sums).all()) for sums in grad_sq_sums):
+            return True
+        first = None
+        for index, (group, sums) in enumerate(zip(self.param_groups, grad_sq_sums)):
+            bad = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+            if bad and group["nonfinite"] == "raise":
+                first = (index, group, bad[0])
+                break
+        if first is None:
+            return False
+        index, group, position = first
+        param = _params_with_grad(group)[position]
+        in_group = next(i for i, p in enumerate(group["params"]) if p is param)
+        names = group.get("param_names")
+        name = f"'{names[in_group]}'" if names else f"{in_group} of param group {index}"
+        raise ValueError(
+            f"SoftAdam: the gradient of parameter {name} (shape {tuple(param.shape)}) is not finite "
+            "(NaN or inf, or so large that its square overflows); no parameter or optimizer state was "
+            "changed. With a loss scaler or overflow handling of your own, pass nonfinite='skip' to "
+            "skip such steps instead."
+        )
 
 
 def _check_hyperparameters(
@@ -338,6 +378,84 @@ def _check_hyperparameters(
     for index, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid betas[{index}]={beta}: must be in [0, 1)")
+
+
+def _check_nonfinite(nonfinite: Any) -> None:
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"Invalid nonfinite={nonfinite!r}: must be 'raise' or 'skip'")
+
+
+def _params_with_grad(group: dict[str, Any]) -> list[Tensor]:
+    """The parameters of ``group`` that this step updates: those with a gradient."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if any(p.grad.is_sparse for p in params):
+        raise RuntimeError(
+            "SoftAdam does not support sparse gradients: the per-tensor mean of "
+            "the second moment needs every element (use a dense embedding)"
+        )
+    return params
+
+
+# Exact types of plain tensors: a step checks every tensor's type, so the common case
+# must not pay for isinstance checks against DTensor (hundreds of tensors per step).
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    return type(tensor) not in _PLAIN_TYPES and DTensor is not None and isinstance(tensor, DTensor)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The tensor itself, or a DTensor's local shard (sharing its memory)."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _kernel_can_update(tensor: Tensor) -> bool:
+    """Whether the fused CPU kernel can read and update ``tensor`` in place: a plain
+    contiguous CPU tensor, or a DTensor sharded or replicated (not partial) whose local
+    shard is one."""
+    if _is_dtensor(tensor):
+        if any(placement.is_partial() for placement in tensor.placements):
+            return False
+        tensor = tensor.to_local()
+    return type(tensor) in _PLAIN_TYPES and tensor.is_cpu and tensor.is_contiguous()
+
+
+def _grad_sq_sums(grads: list[Tensor]) -> Tensor:
+    r"""``sum(g^2)`` of each gradient over the whole tensor, as a float64 vector on their device.
+
+    Used for two things: the finiteness check of every step, and :math:`\bar v` in the
+    fused executions. For DTensors (FSDP2's sharded parameters) the local shards' sums are
+    added up across the mesh dimensions they are sharded over, one all-reduce per mesh
+    dimension for all of them, so every rank gets the whole tensor's sum.
+    """
+    if not grads:
+        return torch.zeros(0, dtype=torch.float64)
+    local = [_local(g) for g in grads]
+    if all(_kernel_can_update(g) for g in local) and fused_cpu_kernel() is not None:
+        sums = fused_cpu_kernel().grad_sq_sums(local)
+    else:
+        # float32 accumulation (float64 for float64 gradients), whatever the gradients' dtype
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in local) else torch.float32
+        norms = torch._foreach_norm(local, 2, dtype=dtype)
+        sums = torch.stack([n.to(local[0].device) for n in norms]).double().square()
+    sharded: dict[tuple[Any, ...], list[int]] = {}
+    for index, grad in enumerate(grads):
+        if _is_dtensor(grad):
+            sharded.setdefault((grad.device_mesh, tuple(grad.placements)), []).append(index)
+    for (mesh, placements), indices in sharded.items():
+        positions = torch.tensor(indices, device=sums.device)
+        part = sums.index_select(0, positions)
+        for dim, placement in enumerate(placements):
+            if placement.is_partial():
+                raise RuntimeError(
+                    "SoftAdam: a gradient DTensor with a Partial placement (unreduced) cannot be "
+                    "stepped; reduce it first (FSDP2 and DDP do)"
+                )
+            if placement.is_shard():
+                torch.distributed.all_reduce(part, group=mesh.get_group(dim))
+        sums.index_copy_(0, positions, part)
+    return sums
 
 
 Scalar = Union[float, Tensor]
@@ -380,6 +498,7 @@ def softadam(
     state_steps: list[Tensor],
     *,
     exp_avg_sq_means: Optional[list[Tensor]] = None,
+    grad_sq_sums: Optional[Tensor] = None,
     foreach: Optional[bool] = None,
     fused: Optional[bool] = None,
     lr: float,
@@ -399,8 +518,10 @@ def softadam(
     CPU kernel (or, for parameters on another device, the ``torch.compile``-d
     execution), which with ``eta != 0`` needs ``exp_avg_sq_means``: float64 0-dim
     tensors on the parameters' device holding ``mean(v)`` of the previous step (zero
-    before the first), updated here. ``fused=None`` means False in this functional
-    form; :class:`SoftAdam` picks.
+    before the first), updated here; it also takes ``grad_sq_sums``, the float64 vector
+    of each gradient's ``sum(g^2)`` over its whole tensor (computed here when omitted;
+    the reference executions do not use it). ``fused=None`` means False in this
+    functional form; :class:`SoftAdam` picks.
     """
     if fused:
         if foreach:
@@ -408,11 +529,13 @@ def softadam(
         if eta != 0 and exp_avg_sq_means is None:
             raise ValueError("the fused execution needs exp_avg_sq_means (mean(v) per parameter, float64)")
         func = _compiled_softadam if params and params[0].device.type != "cpu" else _fused_softadam
+        if grad_sq_sums is None:
+            grad_sq_sums = _grad_sq_sums(grads)
     else:
         if foreach is None:
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         func = _multi_tensor_softadam if foreach else _single_tensor_softadam
-        exp_avg_sq_means = None
+        exp_avg_sq_means = grad_sq_sums = None
     func(
         params,
         grads,
@@ -420,6 +543,7 @@ def softadam(
         exp_avg_sqs,
         state_steps,
         exp_avg_sq_means,
+        grad_sq_sums,
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -438,6 +562,7 @@ def _single_tensor_softadam(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     exp_avg_sq_means: None,
+    grad_sq_sums: None,
     *,
     lr: float,
     beta1: float,
@@ -489,6 +614,7 @@ def _multi_tensor_softadam(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     exp_avg_sq_means: None,
+    grad_sq_sums: None,
     *,
     lr: float,
     beta1: float,
@@ -554,12 +680,13 @@ def _multi_tensor_softadam(
             # d == 1 exactly: plain SGD with momentum, bit for bit.
             torch._foreach_add_(work, numerators, alpha=-lr)
         else:
-            # Per-tensor mean of v: v >= 0, so its L1 norm is its sum.
-            inv_rms = torch._foreach_norm(device_exp_avg_sqs, 1)
-            torch._foreach_div_(inv_rms, [float(v.numel()) for v in device_exp_avg_sqs])
-            torch._foreach_add_(inv_rms, _eps_squared(eps, state_dtype))
-            torch._foreach_rsqrt_(inv_rms)
-            torch._foreach_mul_(inv_rms, denom_scale)
+            # Per-tensor mean of v: v >= 0, so its L1 norm is its sum. Out of place: on
+            # DTensors (FSDP2) the norms are partial sums over the shards, which the next
+            # op resolves across ranks, and DTensor allows that for out-of-place ops only.
+            sums = torch._foreach_norm(device_exp_avg_sqs, 1)
+            means = torch._foreach_div(sums, [float(v.numel()) for v in device_exp_avg_sqs])
+            inv_rms = torch._foreach_rsqrt(torch._foreach_add(means, _eps_squared(eps, state_dtype)))
+            inv_rms = torch._foreach_mul(inv_rms, denom_scale)
             denoms = torch._foreach_sqrt(device_exp_avg_sqs)
             torch._foreach_mul_(denoms, inv_rms)
             torch._foreach_add_(denoms, denom_offset)
@@ -587,6 +714,7 @@ def _fused_softadam(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     exp_avg_sq_means: Optional[list[Tensor]],
+    grad_sq_sums: Tensor,
     *,
     lr: float,
     beta1: float,
@@ -605,8 +733,12 @@ def _fused_softadam(
     beta2_t, weight, denom_offset, denom_scale = _advance_steps(state_steps, beta2, eta)
     # With eta = 0 the kernel computes no denominator and never reads the means.
     means = exp_avg_sq_means if eta != 0 else [_UNUSED_MEAN] * len(params)
+    # DTensors (FSDP2): the kernel updates the local shards; the sums, and so the means,
+    # are the whole tensors' (numel of a DTensor is its global size).
     kernel.fused_softadam_(
-        params, grads, exp_avgs, exp_avg_sqs, means, beta2_t, weight, denom_offset, denom_scale,
+        [_local(p) for p in params], [_local(g) for g in grads], [_local(m) for m in exp_avgs],
+        [_local(v) for v in exp_avg_sqs], means, grad_sq_sums.tolist(), [p.numel() for p in params],
+        beta2_t, weight, denom_offset, denom_scale,
         lr, beta1, eps * eps, eta, weight_decay, nesterov, maximize,  # eps^2 floored per dtype there
     )
 
@@ -621,6 +753,7 @@ def _compiled_softadam(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     exp_avg_sq_means: Optional[list[Tensor]],
+    grad_sq_sums: Tensor,
     *,
     lr: float,
     beta1: float,
@@ -632,8 +765,9 @@ def _compiled_softadam(
     maximize: bool,
 ) -> None:
     """The fused algorithm (mean of v by its recurrence) as one ``torch.compile``-d function:
-    on CUDA, Triton kernels that each update a tensor in one pass after a reduction over its
-    gradient. Every per-step number enters as a device tensor, so the graph compiles once."""
+    on CUDA, Triton kernels that each update a tensor in one pass, given the sums of squared
+    gradients of the step's finiteness check. Every per-step number enters as a device
+    tensor, so the graph compiles once."""
     if len(params) == 0:
         return
     coefficients = _advance_steps(state_steps, beta2, eta)
@@ -641,8 +775,10 @@ def _compiled_softadam(
     rows = [*coefficients, [-lr * (1 + eta)] * n, [1 - lr * weight_decay] * n]
     table = torch.tensor(rows, dtype=torch.float64).t().contiguous().to(params[0].device, non_blocking=True)
     means = exp_avg_sq_means if eta != 0 else [torch.zeros((), dtype=torch.float64, device=p.device) for p in params]
-    new_means = _compiled_step()(params, grads, exp_avgs, exp_avg_sqs, means, table, beta1, eps * eps, eta != 0,
-                                 nesterov, maximize)
+    grad_sq_means = grad_sq_sums.to(params[0].device) / torch.tensor(
+        [float(p.numel()) for p in params], dtype=torch.float64).to(params[0].device, non_blocking=True)
+    new_means = _compiled_step()(params, grads, exp_avgs, exp_avg_sqs, means, table, grad_sq_means, beta1,
+                                 eps * eps, eta != 0, nesterov, maximize)
     if eta != 0:
         # Returned rather than written inside the graph: an in-graph copy into a 0-dim
         # CPU tensor input is not written back by torch.compile (seen with torch 2.13).
@@ -651,8 +787,8 @@ def _compiled_softadam(
 
 def _step_body(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    means: list[Tensor], table: Tensor, beta1: float, eps_squared: float, use_denom: bool, nesterov: bool,
-    maximize: bool,
+    means: list[Tensor], table: Tensor, grad_sq_means: Tensor, beta1: float, eps_squared: float, use_denom: bool,
+    nesterov: bool, maximize: bool,
 ) -> list[Tensor]:
     # The arithmetic of csrc/fused_softadam_cpu.cpp, tensor by tensor (unrolled by the
     # tracer); table rows: beta2_t, 1 - beta2_t, denom offset, eta*gamma, -lr(1+eta), 1 - lr*wd.
@@ -669,7 +805,7 @@ def _step_body(
         p = param.to(exp_avg.dtype) * decay
         if use_denom:
             row = table[i]
-            new_mean = row[0] * mean + row[1] * g.double().square().mean()
+            new_mean = row[0] * mean + row[1] * grad_sq_means[i]
             floor = max(eps_squared, torch.finfo(exp_avg.dtype).tiny)
             scale = (row[3] / (new_mean + floor).sqrt()).to(exp_avg.dtype)
             p = p + step_size * (numerator / (v.sqrt() * scale + denom_offset))

@@ -123,7 +123,7 @@ def test_fused_falls_back_or_refuses_where_it_cannot_run() -> None:
     with pytest.raises(RuntimeError, match="contiguous CPU parameters"):
         SoftAdam([w], lr=0.1, fused=True).step()
 
-    class Subclass(torch.Tensor):  # stands for FSDP2's DTensor: the kernel would see one shard
+    class Subclass(torch.Tensor):  # an unknown subclass: the kernel cannot know what its memory holds
         pass
 
     s = torch.nn.Parameter(torch.ones(4).as_subclass(Subclass))
@@ -131,7 +131,7 @@ def test_fused_falls_back_or_refuses_where_it_cannot_run() -> None:
     opt = SoftAdam([s], lr=0.1)
     opt.step()
     assert "exp_avg_sq_mean" not in opt.state[s] and (s.detach() < 1).all()
-    with pytest.raises(RuntimeError, match="not DTensor"):
+    with pytest.raises(RuntimeError, match="plain tensors, or DTensors"):
         SoftAdam([s], lr=0.1, fused=True).step()
     with pytest.raises(ValueError, match="fused=True cannot be combined with foreach"):
         SoftAdam([w], fused=True, foreach=False)
@@ -149,13 +149,17 @@ def test_kernel_rejects_mismatched_inputs() -> None:
 
     kernel = fused_cpu_kernel()
     p, m, v, mean = torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros((), dtype=torch.float64)
-    args = ([1.0], [0.0], [1.0], [0.0], 0.1, 0.9, 1e-16, 1.0, 0.0, False, False)
+    args = ([0.0], [4], [1.0], [0.0], [1.0], [0.0], 0.1, 0.9, 1e-16, 1.0, 0.0, False, False)
     with pytest.raises(RuntimeError, match="parameter's size"):
         kernel.fused_softadam_([p], [torch.zeros(5)], [m], [v], [mean], *args)
     with pytest.raises(RuntimeError, match="state dtype"):
         kernel.fused_softadam_([p], [torch.zeros(4)], [m.double()], [v], [mean], *args)
     with pytest.raises(RuntimeError, match="float64 scalars"):
         kernel.fused_softadam_([p], [torch.zeros(4)], [m], [v], [mean.float()], *args)
+    with pytest.raises(RuntimeError, match="local elements"):
+        kernel.fused_softadam_([p], [torch.zeros(4)], [m], [v], [mean], [0.0], [3], *args[2:])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel.grad_sq_sums([torch.zeros(4, 4).t()])
 
 
 def run_isolated(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -211,7 +215,7 @@ def compiled_run(device: str, dtype: torch.dtype, steps: int, compiled: bool, ne
                  eta: float = 1.0) -> list[torch.Tensor]:
     """The compiled execution (called directly, so that the CPU exercises it too) or the
     per-tensor reference, on the same gradients."""
-    from softadam_nlp.softadam import _compiled_softadam, _single_tensor_softadam
+    from softadam_nlp.softadam import _compiled_softadam, _grad_sq_sums, _single_tensor_softadam
 
     g = torch.Generator().manual_seed(7)
     params = [torch.randn(s, generator=g).to(device, dtype) for s in shapes()]
@@ -225,9 +229,10 @@ def compiled_run(device: str, dtype: torch.dtype, steps: int, compiled: bool, ne
     for _ in range(steps):
         grads = [(torch.randn(p.shape, generator=g) * 10.0 ** (i - 2)).to(device, dtype) for i, p in enumerate(params)]
         if compiled:
-            _compiled_softadam(params, grads, exp_avgs, exp_avg_sqs, state_steps, means, **hyper)
+            _compiled_softadam(params, grads, exp_avgs, exp_avg_sqs, state_steps, means, _grad_sq_sums(grads),
+                               **hyper)
         else:
-            _single_tensor_softadam(params, grads, exp_avgs, exp_avg_sqs, state_steps, None, **hyper)
+            _single_tensor_softadam(params, grads, exp_avgs, exp_avg_sqs, state_steps, None, None, **hyper)
     return params
 
 

@@ -1,21 +1,22 @@
-// Fused SoftAdam step for CPU tensors: one C++ call for a whole parameter group.
+// Fused SoftAdam step for CPU tensors, in two calls for a whole parameter group list.
 //
-// Per tensor it reads the gradient once for sum(g^2), then makes one elementwise pass
-// that updates m, v and the parameter together (what torch's fused AdamW does in its
-// one pass). The per-tensor mean of v needs no pass of its own because it follows the
-// same recurrence as v:
-//     mean(v_t) = beta2_t * mean(v_{t-1}) + (1 - beta2_t) * mean(g_t^2),
-// carried across steps in float64 by the caller (softadam_nlp/softadam.py, which also
-// computes every step coefficient, so the scalar algorithm stays written once).
+// grad_sq_sums() reads every gradient once for its sum(g^2). The caller (softadam.py)
+// checks those sums before anything is written: a NaN or inf gradient (or one whose
+// square overflows) makes its sum non-finite, so a bad step is refused while every
+// parameter and moment is still untouched. The same sums, added up across ranks, give
+// the mean over a whole tensor that FSDP shards across processes.
 //
-// Both passes run inside one parallel region per tensor: each thread sums its own
-// contiguous slice, the threads meet at a barrier to add the slices' sums (in a fixed
-// order, so a step is deterministic for a given thread count), and each thread then
-// updates the slice it has just read (what is still in its cache is read again from
-// there). One region instead of two halves the fork/join cost of the many mid-sized
-// tensors of a transformer. (Updating the slice from its end back, to start where the
-// sum pass left off, measured about 1 ms slower per step on the transformer's shapes
-// than going forward, which the hardware prefetchers follow best.)
+// fused_softadam_() then makes one elementwise pass per tensor that updates m, v and
+// the parameter together (what torch's fused AdamW does in its one pass). The
+// per-tensor mean of v needs no pass of its own because it follows the same
+// recurrence as v:
+//     mean(v_t) = beta2_t * mean(v_{t-1}) + (1 - beta2_t) * sum(g_t^2) / numel,
+// carried across steps in float64 by the caller, which also computes every step
+// coefficient, so the scalar algorithm stays written once.
+//
+// Both calls split a large tensor into one contiguous slice per thread, in a fixed
+// order, so a step is deterministic for a given thread count; small tensors run on one
+// thread each, several at once.
 //
 // Arithmetic is float32 for float32/bfloat16/float16 parameters (state in float32) and
 // float64 for float64 ones, in the order of the per-tensor reference path, each
@@ -98,54 +99,66 @@ void update_range(param_t* __restrict__ param, const param_t* __restrict__ grad,
   }
 }
 
-template <typename param_t, typename opmath_t, bool kNesterov, bool kUseDenom>
-void step_tensor(param_t* param, const param_t* grad, opmath_t* exp_avg, opmath_t* exp_avg_sq, int64_t n,
-                 const Coefficients<opmath_t> c, double denom_scale, double eps_squared, double* mean) {
-  const double old_mean = *mean;
-  // The reference's floor (softadam.py: _eps_squared): with eps = 0 an all-zero tensor
-  // keeps 1/sqrt(0 + tiny) finite, and its step 0 / d = 0.
-  eps_squared = std::max(eps_squared, static_cast<double>(std::numeric_limits<opmath_t>::min()));
-  // mean(v_t) from the slices' sums, then the denominator's scale eta*gamma/sqrt(mean + eps^2).
-  auto scale_from = [&](double sum) {
-    const double new_mean = c.beta2_t * old_mean + c.weight * (n > 0 ? sum / n : 0.0);
-    return std::pair<double, opmath_t>(new_mean, static_cast<opmath_t>(denom_scale / std::sqrt(new_mean + eps_squared)));
-  };
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), n / kGrain));
-  if (threads <= 1 || at::in_parallel_region()) {
-    double new_mean = old_mean;
-    opmath_t scale = 0;
-    if (kUseDenom) std::tie(new_mean, scale) = scale_from(sum_of_squares<param_t, opmath_t>(grad, 0, n));
-    update_range<param_t, opmath_t, kNesterov, kUseDenom>(param, grad, exp_avg, exp_avg_sq, 0, n, c, scale);
-    *mean = new_mean;
+// The number of threads for an elementwise pass over n elements: one below kGrain each.
+int threads_for(int64_t n) {
+  if (at::in_parallel_region()) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain)));
+}
+
+// Calls body(begin, end) on one contiguous slice per thread, in a parallel region when
+// the tensor is large enough to share.
+template <typename Body>
+void for_slices(int64_t n, int threads, const Body& body) {
+  if (threads <= 1) {
+    body(int64_t{0}, n, 0);
     return;
   }
-  std::vector<double> slice_sums(threads, 0.0);
-  double new_mean = old_mean;
 #pragma omp parallel num_threads(threads)
   {
     const int thread = omp_get_thread_num(), team = omp_get_num_threads();
     const int64_t per_thread = (n + team - 1) / team;
     const int64_t begin = std::min(n, thread * per_thread), end = std::min(n, begin + per_thread);
-    opmath_t scale = 0;
-    if (kUseDenom) {
-      slice_sums[thread] = sum_of_squares<param_t, opmath_t>(grad, begin, end);
-#pragma omp barrier
-      double sum = 0.0;
-      for (int t = 0; t < team; ++t) sum += slice_sums[t];  // same order on every thread
-      const auto mean_and_scale = scale_from(sum);
-      scale = mean_and_scale.second;
-      if (thread == 0) new_mean = mean_and_scale.first;
-    }
-    update_range<param_t, opmath_t, kNesterov, kUseDenom>(param, grad, exp_avg, exp_avg_sq, begin, end, c, scale);
+    body(begin, end, thread);
   }
-  *mean = new_mean;
+}
+
+template <typename param_t, typename opmath_t>
+double tensor_sum_of_squares(const param_t* grad, int64_t n, int threads) {
+  std::vector<double> slice_sums(std::max(threads, 1), 0.0);
+  for_slices(n, threads, [&](int64_t begin, int64_t end, int thread) {
+    slice_sums[thread] = sum_of_squares<param_t, opmath_t>(grad, begin, end);
+  });
+  double sum = 0.0;
+  for (double s : slice_sums) sum += s;  // a fixed order
+  return sum;
+}
+
+template <typename param_t, typename opmath_t, bool kNesterov, bool kUseDenom>
+void step_tensor(param_t* param, const param_t* grad, opmath_t* exp_avg, opmath_t* exp_avg_sq, int64_t n,
+                 const Coefficients<opmath_t> c, double denom_scale, double eps_squared, double grad_sq_sum,
+                 int64_t numel, double* mean) {
+  opmath_t scale = 0;
+  if (kUseDenom) {
+    // The reference's floor (softadam.py: _eps_squared): with eps = 0 an all-zero tensor
+    // keeps 1/sqrt(0 + tiny) finite, and its step 0 / d = 0.
+    eps_squared = std::max(eps_squared, static_cast<double>(std::numeric_limits<opmath_t>::min()));
+    // mean(v_t) by its recurrence, then the denominator's scale eta*gamma/sqrt(mean + eps^2).
+    const double new_mean = c.beta2_t * *mean + c.weight * (numel > 0 ? grad_sq_sum / numel : 0.0);
+    scale = static_cast<opmath_t>(denom_scale / std::sqrt(new_mean + eps_squared));
+    *mean = new_mean;
+  }
+  for_slices(n, threads_for(n), [&](int64_t begin, int64_t end, int) {
+    update_range<param_t, opmath_t, kNesterov, kUseDenom>(param, grad, exp_avg, exp_avg_sq, begin, end, c, scale);
+  });
 }
 
 template <typename param_t, typename opmath_t>
 void step_tensor_dispatch(bool nesterov, bool use_denom, param_t* param, const param_t* grad, opmath_t* exp_avg,
                           opmath_t* exp_avg_sq, int64_t n, const Coefficients<opmath_t>& c, double denom_scale,
-                          double eps_squared, double* mean) {
-  auto run = [&](auto kernel) { kernel(param, grad, exp_avg, exp_avg_sq, n, c, denom_scale, eps_squared, mean); };
+                          double eps_squared, double grad_sq_sum, int64_t numel, double* mean) {
+  auto run = [&](auto kernel) {
+    kernel(param, grad, exp_avg, exp_avg_sq, n, c, denom_scale, eps_squared, grad_sq_sum, numel, mean);
+  };
   if (nesterov) {
     use_denom ? run(step_tensor<param_t, opmath_t, true, true>) : run(step_tensor<param_t, opmath_t, true, false>);
   } else {
@@ -153,44 +166,97 @@ void step_tensor_dispatch(bool nesterov, bool use_denom, param_t* param, const p
   }
 }
 
+// Runs fn(k) for every tensor k: the ones large enough to be split between threads one
+// after another (each splits itself), the small ones several at once, one per thread.
+template <typename Fn>
+void for_each_tensor(const std::vector<at::Tensor>& tensors, bool reverse, const Fn& fn) {
+  std::vector<int64_t> small;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const size_t k = reverse ? tensors.size() - 1 - i : i;
+    if (threads_for(tensors[k].numel()) > 1) {
+      fn(k);
+    } else {
+      small.push_back(static_cast<int64_t>(k));
+    }
+  }
+  const int64_t count = static_cast<int64_t>(small.size());
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), count));
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t k : small) fn(static_cast<size_t>(k));
+    return;
+  }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t i = 0; i < count; ++i) fn(static_cast<size_t>(small[i]));
+}
+
+void check_cpu_contiguous(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "fused_softadam_: CPU tensors only (", what, ")");
+  TORCH_CHECK(t.is_contiguous(), "fused_softadam_: contiguous tensors only (", what, ")");
+}
+
 }  // namespace
 
-// One step for every tensor of a group. The per-tensor vectors carry each tensor's own
-// step coefficients (tensors that joined the group later have their own step counts).
+// sum(g^2) of every gradient, in float64 (each accumulated as sum_of_squares does).
+at::Tensor grad_sq_sums(const std::vector<at::Tensor>& grads) {
+  for (const at::Tensor& grad : grads) {
+    check_cpu_contiguous(grad, "gradient");
+    TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "fused_softadam_: floating-point gradients only");
+  }
+  at::Tensor sums = at::zeros({static_cast<int64_t>(grads.size())}, at::kDouble);
+  double* out = sums.data_ptr<double>();
+  for_each_tensor(grads, false, [&](size_t k) {
+    const at::Tensor& grad = grads[k];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "grad_sq_sums", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      out[k] = tensor_sum_of_squares<scalar_t, opmath_t>(grad.data_ptr<scalar_t>(), grad.numel(),
+                                                         threads_for(grad.numel()));
+    });
+  });
+  return sums;
+}
+
+// One step for every tensor of a group, after grad_sq_sums. The per-tensor vectors carry
+// each tensor's own step coefficients (tensors that joined the group later have their
+// own step counts), the sum of its g^2 and the number of elements the mean is over (the
+// whole tensor's, when these are the local shards of a distributed one).
 // exp_avg_sq_means: float64 0-dim tensors holding mean(v_{t-1}), updated in place to
 // mean(v_t) (left as they are when eta = 0, where no denominator is computed).
 void fused_softadam_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                     const std::vector<at::Tensor>& exp_avg_sq_means, const std::vector<double>& beta2_t,
+                     const std::vector<at::Tensor>& exp_avg_sq_means, const std::vector<double>& grad_sq_sum,
+                     const std::vector<int64_t>& numel, const std::vector<double>& beta2_t,
                      const std::vector<double>& second_moment_weight, const std::vector<double>& denom_offset,
                      const std::vector<double>& denom_scale, double lr, double beta1, double eps_squared, double eta,
                      double weight_decay, bool nesterov, bool maximize) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count &&
-                  exp_avg_sq_means.size() == count && beta2_t.size() == count &&
-                  second_moment_weight.size() == count && denom_offset.size() == count && denom_scale.size() == count,
+                  exp_avg_sq_means.size() == count && grad_sq_sum.size() == count && numel.size() == count &&
+                  beta2_t.size() == count && second_moment_weight.size() == count && denom_offset.size() == count &&
+                  denom_scale.size() == count,
               "fused_softadam_: every list needs one entry per parameter");
   for (size_t k = 0; k < count; ++k) {
     const at::Tensor& param = params[k];
-    const at::Tensor& grad = grads[k];
-    const at::Tensor& exp_avg = exp_avgs[k];
-    const at::Tensor& exp_avg_sq = exp_avg_sqs[k];
-    const at::Tensor& mean = exp_avg_sq_means[k];
-    TORCH_CHECK(param.device().is_cpu() && grad.device().is_cpu() && exp_avg.device().is_cpu() &&
-                    exp_avg_sq.device().is_cpu() && mean.device().is_cpu(),
-                "fused_softadam_: CPU tensors only");
-    TORCH_CHECK(param.is_contiguous() && grad.is_contiguous() && exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(),
-                "fused_softadam_: contiguous tensors only");
-    TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "fused_softadam_: gradient dtype must match the parameter");
-    TORCH_CHECK(grad.numel() == param.numel() && exp_avg.numel() == param.numel() &&
-                    exp_avg_sq.numel() == param.numel(),
+    check_cpu_contiguous(param, "parameter");
+    TORCH_CHECK(at::isFloatingType(param.scalar_type()), "fused_softadam_: floating-point parameters only");
+    check_cpu_contiguous(grads[k], "gradient");
+    check_cpu_contiguous(exp_avgs[k], "exp_avg");
+    check_cpu_contiguous(exp_avg_sqs[k], "exp_avg_sq");
+    TORCH_CHECK(exp_avg_sq_means[k].device().is_cpu(), "fused_softadam_: CPU tensors only (mean)");
+    TORCH_CHECK(grads[k].scalar_type() == param.scalar_type(), "fused_softadam_: gradient dtype must match the parameter");
+    TORCH_CHECK(grads[k].numel() == param.numel() && exp_avgs[k].numel() == param.numel() &&
+                    exp_avg_sqs[k].numel() == param.numel(),
                 "fused_softadam_: gradient and moments must have the parameter's size");
-    TORCH_CHECK(mean.scalar_type() == at::kDouble && mean.numel() == 1, "fused_softadam_: means are float64 scalars");
+    TORCH_CHECK(exp_avg_sq_means[k].scalar_type() == at::kDouble && exp_avg_sq_means[k].numel() == 1,
+                "fused_softadam_: means are float64 scalars");
+    TORCH_CHECK(numel[k] >= param.numel(), "fused_softadam_: numel must count at least the local elements");
+    const auto state_dtype = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(exp_avgs[k].scalar_type() == state_dtype && exp_avg_sqs[k].scalar_type() == state_dtype,
+                "fused_softadam_: moments must be in the state dtype (float32 for low-precision parameters)");
+  }
+  for_each_tensor(params, true, [&](size_t k) {
+    const at::Tensor& param = params[k];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fused_softadam_", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      TORCH_CHECK(exp_avg.scalar_type() == c10::CppTypeToScalarType<opmath_t>::value &&
-                      exp_avg_sq.scalar_type() == exp_avg.scalar_type(),
-                  "fused_softadam_: moments must be in the state dtype (float32 for low-precision parameters)");
       const Coefficients<opmath_t> c{static_cast<opmath_t>(maximize ? -1 : 1),
                                      static_cast<opmath_t>(beta1),
                                      static_cast<opmath_t>(1 - beta1),
@@ -200,13 +266,15 @@ void fused_softadam_(const std::vector<at::Tensor>& params, const std::vector<at
                                      static_cast<opmath_t>(denom_offset[k]),
                                      static_cast<opmath_t>(-lr * (1 + eta))};
       step_tensor_dispatch<scalar_t, opmath_t>(nesterov, eta != 0.0, param.data_ptr<scalar_t>(),
-                                               grad.data_ptr<scalar_t>(), exp_avg.data_ptr<opmath_t>(),
-                                               exp_avg_sq.data_ptr<opmath_t>(), param.numel(), c, denom_scale[k],
-                                               eps_squared, mean.data_ptr<double>());
+                                               grads[k].data_ptr<scalar_t>(), exp_avgs[k].data_ptr<opmath_t>(),
+                                               exp_avg_sqs[k].data_ptr<opmath_t>(), param.numel(), c, denom_scale[k],
+                                               eps_squared, grad_sq_sum[k], numel[k],
+                                               exp_avg_sq_means[k].data_ptr<double>());
     });
-  }
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_softadam_", &fused_softadam_, "SoftAdam step for a list of CPU tensors (in place)");
+  m.def("grad_sq_sums", &grad_sq_sums, "sum(g^2) per gradient, float64 (CPU, contiguous)");
+  m.def("fused_softadam_", &fused_softadam_, "SoftAdam step for a list of CPU tensors (in place), after grad_sq_sums");
 }
