@@ -26,6 +26,7 @@ _OPTION_FOR_ARGUMENT = {
     "eps": "--softadam-eps",
     "eta": "--softadam-eta",
     "weight_decay": "--weight-decay",
+    "nonfinite": "--softadam-nonfinite",
 }
 
 
@@ -43,6 +44,11 @@ class FairseqSoftAdamConfig(FairseqDataclass):
         metadata={"help": "eta >= 0: 0 is SGD with dampened momentum, larger values move towards Adam"},
     )
     softadam_nesterov: bool = field(default=False, metadata={"help": "use the Nesterov numerator"})
+    softadam_nonfinite: str = field(
+        default="raise",
+        metadata={"help": "a step with a NaN/inf gradient: 'raise' an error, or 'skip' it (parameters and "
+                          "state untouched either way); fairseq's --fp16/--amp scalers skip such steps themselves"},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (as in AdamW)"})
     lr: List[float] = II("optimization.lr")
 
@@ -99,6 +105,7 @@ class FairseqSoftAdam(FairseqOptimizer):
             "eta": self.cfg.softadam_eta,
             "weight_decay": self.cfg.weight_decay,
             "nesterov": self.cfg.softadam_nesterov,
+            "nonfinite": self.cfg.softadam_nonfinite,
         }
 
     @property

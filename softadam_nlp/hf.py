@@ -68,7 +68,7 @@ def softadam_kwargs_from_args(args: TrainingArguments, **overrides: Any) -> dict
         "eps": args.adam_epsilon,
     }
     kwargs.update(overrides)
-    unknown = set(kwargs) - {"lr", "betas", "eps", "eta", "nesterov", "maximize", "foreach", "fused"}
+    unknown = set(kwargs) - {"lr", "betas", "eps", "eta", "nesterov", "maximize", "foreach", "fused", "nonfinite"}
     if unknown:
         raise TypeError(
             f"unexpected SoftAdam argument(s) {sorted(unknown)}; weight decay comes from "
@@ -93,9 +93,13 @@ def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[
     """
     decay = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # param_names (a torch.optim group key): SoftAdam names a parameter whose gradient
+    # is not finite by it.
     return [
-        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n in decay], "param_names": [n for n, _ in named if n in decay],
+         "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "param_names": [n for n, _ in named if n not in decay],
+         "weight_decay": 0.0},
     ]
 
 
@@ -191,7 +195,7 @@ def create_optimizer_and_scheduler(
     as Trainer does), adam_beta1/2 and adam_epsilon, lr_scheduler_type (or the
     ``lr_scheduler_type`` argument, which also accepts ``"step"``), warmup_steps
     (default 0: no warmup) and max_steps. ``softadam_kwargs`` (eta, betas, eps,
-    nesterov) override.
+    nesterov, nonfinite, fused, foreach) override.
     """
     optimizer = create_optimizer(model, args, **softadam_kwargs)
     return optimizer, create_scheduler(optimizer, args, num_training_steps, lr_scheduler_type)

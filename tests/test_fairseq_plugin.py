@@ -57,13 +57,17 @@ def test_registered_and_built_from_yaml_style_config() -> None:
 
 def test_command_line_options_map_to_softadam() -> None:
     cfg = training_cfg("--lr", "0.2", "--softadam-betas", "(0.85, 0.98)", "--softadam-eta", "3",
-                       "--softadam-eps", "1e-7", "--softadam-nesterov", "--weight-decay", "0.001")
+                       "--softadam-eps", "1e-7", "--softadam-nesterov", "--weight-decay", "0.001",
+                       "--softadam-nonfinite", "skip")
     fs_opt = optim.build_optimizer(cfg.optimizer, list(model().parameters()))
     assert fs_opt.optimizer_config == {"lr": 0.2, "betas": (0.85, 0.98), "eps": 1e-7, "eta": 3.0,
-                                       "weight_decay": 0.001, "nesterov": True}
+                                       "weight_decay": 0.001, "nesterov": True, "nonfinite": "skip"}
     defaults = optim.build_optimizer(training_cfg("--lr", "0.1").optimizer, list(model().parameters()))
     assert defaults.optimizer_config == {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "eta": 1.0,
-                                         "weight_decay": 0.0, "nesterov": False}
+                                         "weight_decay": 0.0, "nesterov": False, "nonfinite": "raise"}
+    with pytest.raises(ValueError, match="--softadam-nonfinite: Invalid nonfinite='ignore'"):
+        optim.build_optimizer(training_cfg("--lr", "0.1", "--softadam-nonfinite", "ignore").optimizer,
+                              list(model().parameters()))
 
 
 @pytest.mark.parametrize("betas", ["0.9", "(0.9, 0.99, 0.9)", "[0.9, oops]"])

@@ -195,3 +195,18 @@ def test_trainer_bf16_mixed_precision_on_cpu(tmp_path: Path) -> None:
     for p in trainer.model.parameters():
         assert p.dtype == torch.float32  # autocast: fp32 weights, bf16 compute
         assert softadam_of(trainer).state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_factory_names_the_parameter_with_a_nonfinite_gradient(tmp_path) -> None:
+    from transformers import TrainingArguments
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=0.1, weight_decay=0.01, report_to=[])
+    optimizer, _ = create_optimizer_and_scheduler(model, args, num_training_steps=10)
+    model(torch.randn(2, 3)).sum().backward()
+    model[1].bias.grad[0] = float("nan")
+    with pytest.raises(ValueError, match=r"parameter '1\.bias' \(shape \(4,\)\) is not finite"):
+        optimizer.step()
+    optimizer, _ = create_optimizer_and_scheduler(model, args, num_training_steps=10, nonfinite="skip")
+    optimizer.step()
+    assert optimizer.skipped_steps == 1
