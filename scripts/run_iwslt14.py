@@ -34,7 +34,7 @@ import torch
 
 from softadam_nlp.experiments.fairseq_runs import (
     average_checkpoints, check_fairseq_command, checkpoints_to_average, detokenized_bleu, divergence, epoch_curves, fairseq_tool,
-    finished_updates, parse_fairseq_log, parse_generate_output, progress_line, train_curve,
+    finished_updates, parse_fairseq_log, parse_generate_output, progress_line, recover_last_checkpoint, train_curve,
 )
 from softadam_nlp.experiments.records import default_results, record_path as make_record_path, write_record
 
@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     command = train_command(args, work / "checkpoints", work / "train.log")
     max_update = int(command[command.index("--max-update") + 1])
+    recovered = recover_last_checkpoint(work / "checkpoints")
+    if recovered:
+        print(recovered)
     if finished_updates(work / "checkpoints" / "checkpoint_last.pt") < max_update:
         try:
             run(command, show_progress=True)  # resumes from work/checkpoints/checkpoint_last.pt after a crash

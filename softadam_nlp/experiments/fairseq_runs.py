@@ -14,7 +14,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -207,6 +207,37 @@ def detokenized_bleu(hyps: Sequence[str], refs: Sequence[str], lang: str) -> dic
     score = metric.corpus_score([detok.detokenize(h.split()) for h in hyps],
                                 [[detok.detokenize(r.split()) for r in refs]])
     return {"sacrebleu": score.score, "signature": str(metric.get_signature())}
+
+
+def _loads(checkpoint: Path) -> bool:
+    try:
+        torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception:  # truncated or corrupt: whatever torch's reader raises
+        return False
+    return True
+
+
+def recover_last_checkpoint(checkpoint_dir: Path) -> Optional[str]:
+    """Make ``checkpoint_last.pt`` a complete checkpoint again after a crash while writing it.
+
+    fairseq writes each epoch checkpoint atomically (a .tmp file, then a rename) but then
+    copies it onto checkpoint_last.pt in place, so a run killed during that copy leaves a
+    truncated checkpoint_last.pt that fairseq cannot resume from. It is replaced (again
+    by a copy and a rename) with the newest epoch checkpoint that loads, or removed when
+    none does, so that training resumes from the last complete checkpoint. Returns what
+    was done, or None when checkpoint_last.pt is absent or loads.
+    """
+    last = checkpoint_dir / "checkpoint_last.pt"
+    if not last.exists() or _loads(last):
+        return None
+    for candidate in reversed(epoch_checkpoints(checkpoint_dir)):
+        if _loads(candidate):
+            tmp = last.with_name(last.name + ".tmp")
+            shutil.copyfile(candidate, tmp)
+            tmp.replace(last)
+            return f"{last} was incomplete (a crash while it was written): resuming from {candidate.name}"
+    last.unlink()
+    return f"{last} was incomplete and no complete epoch checkpoint is left: training starts over"
 
 
 def finished_updates(checkpoint: Path) -> int:
