@@ -73,7 +73,7 @@ OPTIMIZERS = {  # per optimizer: fairseq options and the default learning rate p
     "adamw": {"args": ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.0001"],
               "lr": {"paper": 5e-4, "cpu": 1e-3, "demo": 3e-3, "tiny": 3e-3}, "warmup": True},
     "sgd": {"args": ["--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "0.0001"],
-            "lr": {"paper": 0.3, "cpu": 0.3, "demo": 0.3, "tiny": 0.3}, "warmup": True},
+            "lr": {"paper": 0.3, "cpu": 0.1, "demo": 0.3, "tiny": 0.3}, "warmup": True},
 }
 
 
