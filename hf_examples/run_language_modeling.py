@@ -45,10 +45,10 @@ import torch
 from datasets import DatasetDict, load_dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, default_data_collator
-from transformers.trainer_utils import get_last_checkpoint
 
 from softadam_nlp.data.ptb import EOS, PTB_HUB_DATASET, load_ptb_hub, ptb_files
 from softadam_nlp.experiments.bptt import BPTTTrainer, evaluate_stream, segments_per_epoch
+from softadam_nlp.experiments.checkpoints import last_complete_checkpoint
 from softadam_nlp.experiments.records import default_results, record_path, write_record
 from softadam_nlp.hf import (
     add_optimizer_arguments, available_reporters, optimizers_from_cli, trainer_schedule_name, training_arguments_cli,
@@ -248,10 +248,12 @@ def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], v
     trainer = BPTTTrainer(model=model, args=training_args, train_tokens=streams["train"],
                           eval_tokens=streams["valid"], bptt=args.bptt,
                           optimizers=optimizers_from_cli(args, model, training_args, num_training_steps))
-    last = get_last_checkpoint(str(args.output_dir)) if args.output_dir.is_dir() else None
+    last, incomplete = last_complete_checkpoint(args.output_dir)
+    for folder in incomplete:
+        print(f"removed {folder}: incomplete (the run stopped while saving it)", flush=True)
     if last:
         print(f"resuming from {last}", flush=True)
-    trainer.train(resume_from_checkpoint=last)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
     started = time.time()
     # The best epoch's weights are loaded (load_best_model_at_end); evaluate them as the recipe does.
     valid = evaluate_stream(trainer.model, streams["valid"], VALID_BATCH, args.bptt)
@@ -294,8 +296,8 @@ def train_gpt2(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=blocks(streams["train"]),
                       data_collator=default_data_collator, optimizers=optimizers_from_cli(args, model, training_args))
-    last = get_last_checkpoint(str(args.output_dir)) if args.output_dir.is_dir() else None
-    trainer.train(resume_from_checkpoint=last)
+    last, _ = last_complete_checkpoint(args.output_dir)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
     metrics = {"optimizer": args.optimizer, "model": args.model}
     for split in ("valid", "test"):
         loss = trainer.evaluate(blocks(streams[split]), metric_key_prefix=split)[f"{split}_loss"]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shlex
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from repo_scripts import run_repo_script
+from repo_scripts import REPO, run_repo_script
 from softadam_nlp.data.ptb import PTB_HUB_SPLITS, load_ptb_hub, mikolov_text
 
 
@@ -230,3 +234,55 @@ def test_sweep_runs_a_grid_once_and_feeds_the_heatmap(tmp_path: Path) -> None:
     assert report.returncode == 0 and "| eta \\ lr | 30 |" in report.stdout and (tmp_path / "h.png").exists()
     refused = run_repo_script("scripts/sweep.py", "ptb", "--optimizer", "sgd", "--eta", 1, "--lr", 1, "--results", results)
     assert refused.returncode == 2 and "--eta is SoftAdam's" in refused.stderr
+
+
+def test_a_killed_awd_run_resumes_from_its_last_complete_checkpoint_with_the_same_losses(tmp_path: Path) -> None:
+    # SIGKILL the run once it has saved two epoch checkpoints, then make the newest one
+    # what a kill during its save leaves (trainer_state.json, Trainer's last file, not
+    # written; optimizer.pt cut short). The rerun must drop it, resume from the one
+    # before, and end with the losses of an uninterrupted run.
+    write_ptb_layout(tmp_path / "ptb")
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, str(REPO / "hf_examples" / "run_language_modeling.py"), "--data-dir", str(tmp_path / "ptb"),
+                "--no-verify", "--preset", "tiny", "--epochs", "6", "--optimizer", "softadam",
+                "--results", str(tmp_path / name / "results"), "--output-dir", str(tmp_path / name / "work")]
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    straight = subprocess.run(command("straight"), env=env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    work = tmp_path / "killed" / "work"
+
+    def complete_checkpoints() -> list[Path]:
+        return sorted(work.glob("checkpoint-*/trainer_state.json")) if work.is_dir() else []
+
+    deadline = time.monotonic() + 300
+    while len(complete_checkpoints()) < 2:
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    folders = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    newest = folders[-1]
+    (newest / "trainer_state.json").unlink(missing_ok=True)
+    optimizer_file = newest / "optimizer.pt"
+    if optimizer_file.exists():
+        optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+
+    resumed = subprocess.run(command("killed"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"removed {newest}: incomplete" in resumed.stdout
+    assert f"resuming from {folders[-2]}" in resumed.stdout
+    want, got = (json.loads((tmp_path / name / "results" / "softadam-seed1.json").read_text())
+                 for name in ("straight", "killed"))
+    assert [e["epoch"] for e in got["epochs"]] == list(range(1, 7))
+    # Trainer restores every RNG and SoftAdam its state, so validation is bit for bit the
+    # same. The epoch's mean logged training loss is not: the first log after a resume
+    # averages over fewer steps (Trainer restarts its logging interval there).
+    assert [e["valid_loss"] for e in got["epochs"]] == [e["valid_loss"] for e in want["epochs"]]
+    for mine, theirs in zip(got["epochs"], want["epochs"]):
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-2)
+    assert got["valid_ppl"] == want["valid_ppl"] and got["test_ppl"] == want["test_ppl"]
