@@ -160,6 +160,26 @@ def write_atomic(path: Path, lines: list[str]) -> None:
     tmp.replace(path)
 
 
+def read_manifest(manifest: Path) -> dict | None:
+    """The manifest of a finished preparation; None when absent or unreadable (a crash
+    while writing it: the folder is then not taken as finished)."""
+    try:
+        return json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work when ``out`` cannot be created or written."""
+    probe = out / ".write-test"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PreparationError(f"cannot write the output folder {out}: {error.strerror or error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", choices=sorted(EXPECTED), default="iwslt14")
@@ -185,11 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--corpus multi30k needs --raw-dir (e.g. ../shared/data/multi30k)")
     settings = {"corpus": args.corpus, "bpe_merges": args.bpe_merges, "expected": expected}
     manifest = out / "manifest.json"
-    if manifest.exists() and not args.force and json.loads(manifest.read_text()).get("settings") == settings:
+    finished = read_manifest(manifest)
+    if finished is not None and not args.force and finished.get("settings") == settings:
         print(f"{out} is already prepared ({manifest}); --force to redo")
         return 0
 
     try:
+        check_writable(out)
         with tempfile.TemporaryDirectory() as work:
             if args.corpus == "iwslt14":
                 raw = args.raw_dir
@@ -229,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         shutil.rmtree(data_bin, ignore_errors=True)
         staging.replace(data_bin)
-        manifest.write_text(json.dumps({"settings": settings, "sizes": sizes, "data_bin": str(data_bin)}, indent=2) + "\n")
+        staged_manifest = manifest.with_name(manifest.name + ".tmp")
+        staged_manifest.write_text(json.dumps({"settings": settings, "sizes": sizes, "data_bin": str(data_bin)},
+                                              indent=2) + "\n")
+        staged_manifest.replace(manifest)
     except PreparationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -127,6 +127,15 @@ def test_missing_data_fails_clearly(tmp_path: Path) -> None:
     assert result.returncode == 2 and "ptb.train.txt" in result.stderr
 
 
+def test_a_missing_ptb_split_fails_clearly(tmp_path: Path) -> None:
+    write_ptb_layout(tmp_path / "ptb")
+    (tmp_path / "ptb" / "ptb.valid.txt").unlink()
+    result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify",
+                             "--results", tmp_path / "r")
+    assert result.returncode == 2 and "ptb.valid.txt is missing" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_ptb_with_the_wrong_md5_fails_clearly(tmp_path: Path) -> None:
     write_ptb_layout(tmp_path / "ptb")
     result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--results", tmp_path / "r")

@@ -141,6 +141,30 @@ def test_incomplete_tree_is_reported(tmp_path: Path) -> None:
     assert result.returncode == 2 and "lacks IWSLT14.TED.tst2012.de-en.en.xml" in result.stderr
 
 
+def test_an_unwritable_output_folder_fails_before_any_work(tmp_path: Path) -> None:
+    archive, _ = make_archive(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_script("--raw-dir", archive, "--out-dir", blocker / "prepared", "--bpe-merges", 30)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: cannot write the output folder {blocker / 'prepared'}" in result.stderr
+    assert "sentence pairs" not in result.stdout  # it stopped before reading the data
+
+
+def test_a_manifest_cut_short_is_not_taken_as_finished(tmp_path: Path) -> None:
+    archive, sizes = make_archive(tmp_path)
+    out = tmp_path / "prepared"
+    args = ("--raw-dir", archive, "--out-dir", out, "--bpe-merges", 30, "--workers", 1,
+            "--expected-sizes", f"{sizes['train']},{sizes['valid']},{sizes['test']}")
+    assert run_script(*args).returncode == 0
+    manifest = out / "manifest.json"
+    manifest.write_text(manifest.read_text()[:20])  # a crash while the manifest was written
+    again = run_script(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already prepared" not in again.stdout and json.loads(manifest.read_text())["sizes"] == sizes
+    assert not (out / "manifest.json.tmp").exists()
+
+
 def test_multi30k_layout(tmp_path: Path) -> None:
     raw = tmp_path / "multi30k"
     raw.mkdir()
