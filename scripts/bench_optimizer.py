@@ -182,12 +182,13 @@ def first_step_seconds() -> dict[str, float]:
 
 
 def source_commit() -> str:
-    """The repository's commit, with "+changes" when the working tree differs from it."""
+    """The repository's commit, with "+changes" when tracked files outside results/ (where
+    benchmark records are written) differ from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results") else "")
 
 
 def machine_description() -> dict[str, object]:
