@@ -112,10 +112,20 @@ class SoftAdam(Optimizer):
             foreach kernels (CUDA), per-tensor elsewhere. On CUDA, ``fused=True``
             runs the step through ``torch.compile`` (Triton kernels, compiled on the
             first step and cached by torch across runs).
+        nonfinite: what a step does when a gradient holds NaN or inf (or overflows when
+            squared): ``"raise"`` (default) a ValueError naming the parameter (pass
+            ``named_parameters()`` for names), or ``"skip"`` the step, counted in
+            ``skipped_steps``. Either way no parameter or state changes, in any group:
+            every gradient is checked before anything is written. Loss scalers
+            (``torch.amp.GradScaler``) skip such steps before calling ``step``.
 
     Parameters in bfloat16 or float16 keep ``exp_avg`` and ``exp_avg_sq`` in
     float32 and do the update arithmetic in float32, rounding into the parameter
     once per step.
+
+    Parameters may be FSDP2's sharded DTensors: every execution takes
+    :math:`\bar v_t` over the whole tensor, not the local shard (the fused one by
+    all-reducing the per-tensor sums of squared gradients over the shards).
 
     The fused execution computes :math:`\bar v_t` without a pass over :math:`v_t`,
     from :math:`\bar v_t = \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t})
