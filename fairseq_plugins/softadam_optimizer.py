@@ -10,14 +10,15 @@ import ast
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch.distributed as dist
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II, OmegaConf
 
 from softadam_nlp import SoftAdam
+from softadam_nlp.eta_schedule import check_eta_schedule, eta_at
 
 # SoftAdam's argument name -> the fairseq option that sets it, for error messages.
 _OPTION_FOR_ARGUMENT = {
@@ -44,6 +45,13 @@ class FairseqSoftAdamConfig(FairseqDataclass):
         metadata={"help": "eta >= 0: 0 is SGD with dampened momentum, larger values move towards Adam"},
     )
     softadam_nesterov: bool = field(default=False, metadata={"help": "use the Nesterov numerator"})
+    softadam_eta_schedule: ChoiceEnum(["constant", "linear", "cosine"]) = field(  # type: ignore[valid-type]
+        default="constant",
+        metadata={"help": "move eta from --softadam-eta to --softadam-eta-end over --max-update updates"},
+    )
+    softadam_eta_end: Optional[float] = field(
+        default=None, metadata={"help": "eta at --max-update, for a linear or cosine --softadam-eta-schedule"}
+    )
     softadam_nonfinite: str = field(
         default="raise",
         metadata={"help": "a step with a NaN/inf gradient: 'raise' an error, or 'skip' it (parameters and "
@@ -51,6 +59,7 @@ class FairseqSoftAdamConfig(FairseqDataclass):
     )
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (as in AdamW)"})
     lr: List[float] = II("optimization.lr")
+    max_update: int = II("optimization.max_update")
 
 
 def _parse_betas(value: Any) -> tuple[float, float]:
@@ -90,6 +99,12 @@ class FairseqSoftAdam(FairseqOptimizer):
             if option is None:
                 raise
             raise ValueError(f"{option}: {error}") from None
+        if self.cfg.softadam_eta_schedule != "constant":
+            try:
+                check_eta_schedule(self.cfg.softadam_eta_schedule, self.cfg.softadam_eta_end, self.cfg.max_update)
+            except ValueError as error:
+                raise ValueError(f"--softadam-eta-schedule {self.cfg.softadam_eta_schedule} (with "
+                                 f"--softadam-eta-end and --max-update): {error}") from None
         # fairseq's memory-efficient wrapper, after load_state_dict, would put the
         # checkpoint's tensors (loaded on the CPU) back into the state unmoved; SoftAdam's
         # own load_state_dict already restores float32 moments on the parameters' device.
@@ -107,6 +122,18 @@ class FairseqSoftAdam(FairseqOptimizer):
             "nesterov": self.cfg.softadam_nesterov,
             "nonfinite": self.cfg.softadam_nonfinite,
         }
+
+    def step(self, closure=None, scale=1.0, groups=None) -> None:
+        """One update, at the eta --softadam-eta-schedule gives for it. The update count is
+        SoftAdam's own step state, which checkpoints keep, so a resumed run continues the
+        schedule where it was."""
+        if self.cfg.softadam_eta_schedule != "constant":
+            done = max((int(s["step"]) for s in self._optimizer.state.values() if "step" in s), default=0)
+            eta = eta_at(done, self.cfg.softadam_eta_schedule, self.cfg.softadam_eta, self.cfg.softadam_eta_end,
+                         self.cfg.max_update)
+            for group in self._optimizer.param_groups:
+                group["eta"] = eta
+        super().step(closure, scale=scale, groups=groups)
 
     @property
     def supports_memory_efficient_fp16(self) -> bool:

@@ -28,6 +28,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.optimization import get_scheduler
 from transformers.trainer_utils import SchedulerType
 
+from softadam_nlp.eta_schedule import EtaScheduler, WithEtaSchedule
 from softadam_nlp.softadam import SoftAdam
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
 
 STEP_SCHEDULE = "step"
 SCHEDULE_NAMES = tuple(t.value for t in SchedulerType) + (STEP_SCHEDULE,)
+# eta schedules the factory and the example scripts offer (as fairseq's --softadam-eta-schedule)
+HF_ETA_SCHEDULES = ("constant", "linear", "cosine")
 # Schedules that can be built without knowing the number of training steps.
 _NO_LENGTH_NEEDED = {
     SchedulerType.CONSTANT.value,
@@ -187,6 +190,8 @@ def create_optimizer_and_scheduler(
     args: TrainingArguments,
     num_training_steps: Optional[int] = None,
     lr_scheduler_type: Optional[str] = None,
+    eta_schedule: str = "constant",
+    eta_end: Optional[float] = None,
     **softadam_kwargs: Any,
 ) -> tuple[SoftAdam, LRScheduler]:
     """``(SoftAdam, schedule)`` for ``Trainer(optimizers=...)``.
@@ -196,9 +201,26 @@ def create_optimizer_and_scheduler(
     ``lr_scheduler_type`` argument, which also accepts ``"step"``), warmup_steps
     (default 0: no warmup) and max_steps. ``softadam_kwargs`` (eta, betas, eps,
     nesterov, nonfinite, fused, foreach) override.
+
+    ``eta_schedule`` ("constant", "linear" or "cosine") moves eta from its value to
+    ``eta_end`` over the training steps (softadam_nlp.eta_schedule). The schedule
+    returned then steps, saves and restores the lr and the eta schedule together, so
+    Trainer's checkpoints resume both.
     """
+    if eta_schedule not in HF_ETA_SCHEDULES:
+        raise ValueError(f"unknown eta_schedule {eta_schedule!r}; choose one of {', '.join(HF_ETA_SCHEDULES)}")
     optimizer = create_optimizer(model, args, **softadam_kwargs)
-    return optimizer, create_scheduler(optimizer, args, num_training_steps, lr_scheduler_type)
+    scheduler = create_scheduler(optimizer, args, num_training_steps, lr_scheduler_type)
+    if eta_schedule == "constant":
+        if eta_end is not None:
+            raise ValueError("eta_end needs a linear or cosine eta_schedule")
+        return optimizer, scheduler
+    total = _resolve_training_steps(args, num_training_steps)
+    if total is None:
+        raise ValueError(f"the {eta_schedule} eta schedule needs the number of training steps: pass "
+                         "num_training_steps or set max_steps")
+    return optimizer, WithEtaSchedule(scheduler, EtaScheduler(optimizer, eta_schedule, eta_end=eta_end,
+                                                              total_steps=total))
 
 
 OPTIMIZER_NAMES = ("softadam", "adamw", "adam", "sgd")
@@ -263,6 +285,9 @@ def add_optimizer_arguments(
     group.add_argument("--momentum", type=float, default=momentum,
                        help=f"SGD's momentum (default: {momentum if momentum is not None else 'per preset'})")
     group.add_argument("--eta", type=float, default=1.0, help="SoftAdam's eta (default: 1.0)")
+    group.add_argument("--eta-schedule", choices=HF_ETA_SCHEDULES, default="constant",
+                       help="move SoftAdam's eta from --eta to --eta-end over training (default: constant)")
+    group.add_argument("--eta-end", type=float, default=None, help="eta at the end of a linear or cosine --eta-schedule")
     group.add_argument("--weight-decay", type=float, default=weight_decay)
     group.add_argument("--lr-scheduler", choices=SCHEDULE_NAMES, default=lr_scheduler,
                        help=f"default: {lr_scheduler or 'per model'}")
@@ -284,6 +309,8 @@ def optimizers_from_cli(
     """``Trainer(optimizers=...)`` from the options of :func:`add_optimizer_arguments`;
     ``num_training_steps`` as in :func:`create_scheduler` (default: ``max_steps``)."""
     extra = {"eta": cli_args.eta} if cli_args.optimizer == "softadam" else {}
+    if cli_args.optimizer == "softadam" and getattr(cli_args, "eta_schedule", "constant") != "constant":
+        extra.update(eta_schedule=cli_args.eta_schedule, eta_end=cli_args.eta_end)
     if cli_args.optimizer == "sgd":
         extra = {"momentum": cli_args.momentum}
     return build_optimizers(cli_args.optimizer, model, training_args, num_training_steps,
