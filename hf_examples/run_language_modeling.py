@@ -171,6 +171,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--max-steps must be >= 1 and --block-size >= 2")
     if args.lr <= 0:
         p.error(f"--lr must be > 0, got {args.lr}")
+    if args.eta_schedule != "constant" and (args.optimizer != "softadam" or args.eta_end is None or args.eta_end < 0):
+        p.error("--eta-schedule is SoftAdam's and needs --eta-end >= 0")
+    if args.eta_schedule == "constant" and args.eta_end is not None:
+        p.error("--eta-end needs a linear or cosine --eta-schedule")
     return args
 
 
@@ -263,6 +267,8 @@ def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], v
         "experiment": "ptb", "preset": args.preset, "optimizer": args.optimizer, "seed": args.seed,
         "command": [sys.executable, "hf_examples/run_language_modeling.py", *argv],
         "config": {"lr": args.lr, "eta": args.eta if args.optimizer == "softadam" else None,
+                   "eta_schedule": args.eta_schedule if args.optimizer == "softadam" else None,
+                   "eta_end": args.eta_end,
                    "momentum": args.momentum if args.optimizer == "sgd" else None,
                    "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler,
                    "warmup_steps": args.warmup_steps, "epochs": args.epochs, "bptt": args.bptt,

@@ -90,6 +90,8 @@ def train_command(args: argparse.Namespace, save_dir: Path, log_file: Path) -> l
     optimizer_args = list(spec["args"])
     if args.eta is not None:
         optimizer_args[optimizer_args.index("--softadam-eta") + 1] = str(args.eta)
+    if args.eta_schedule != "constant":
+        optimizer_args += ["--softadam-eta-schedule", args.eta_schedule, "--softadam-eta-end", str(args.eta_end)]
     warmup = args.warmup if args.warmup is not None else budget["warmup"] if spec["warmup"] else 0
     return [
         fairseq_tool("fairseq-train"), str(args.data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-bin", type=Path, default=Path("data/iwslt14.tokenized.de-en/data-bin"))
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--eta", type=float, default=None, help="SoftAdam's eta (default: 1.0, the paper's)")
+    p.add_argument("--eta-schedule", choices=["constant", "linear", "cosine"], default="constant",
+                   help="SoftAdam: move eta from --eta to --eta-end over the run (default: constant)")
+    p.add_argument("--eta-end", type=float, default=None, help="SoftAdam: eta at the end of a linear or cosine --eta-schedule")
     p.add_argument("--max-update", type=int, default=None, help="override the preset's budget")
     p.add_argument("--warmup", type=int, default=None,
                    help="warmup updates (default: the preset's for AdamW and SGD, none for SoftAdam)")
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.eta is not None and (args.optimizer != "softadam" or args.eta < 0):
         p.error("--eta is SoftAdam's and must be >= 0")
+    if args.eta_schedule != "constant" and (args.optimizer != "softadam" or args.eta_end is None or args.eta_end < 0):
+        p.error("--eta-schedule is SoftAdam's and needs --eta-end >= 0")
+    if args.eta_schedule == "constant" and args.eta_end is not None:
+        p.error("--eta-end needs a linear or cosine --eta-schedule")
     if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be >= 0")
     if not args.dry_run and not (args.data_bin / "dict.de.txt").is_file():

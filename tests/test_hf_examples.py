@@ -295,3 +295,19 @@ def test_a_killed_awd_run_resumes_from_its_last_complete_checkpoint_with_the_sam
     for mine, theirs in zip(got["epochs"], want["epochs"]):
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-2)
     assert got["valid_ppl"] == want["valid_ppl"] and got["test_ppl"] == want["test_ppl"]
+
+
+def test_eta_schedule_options_are_checked(tmp_path: Path) -> None:
+    for bad, message in ((["--eta-schedule", "linear"], "needs --eta-end"), (["--eta-end", "0"], "needs a linear"),
+                         (["--optimizer", "adam", "--eta-schedule", "cosine", "--eta-end", "0"], "SoftAdam's")):
+        result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path, *bad)
+        assert result.returncode == 2 and message in result.stderr
+
+
+def test_awd_run_with_an_eta_schedule_records_it(tmp_path: Path) -> None:
+    write_ptb_layout(tmp_path / "ptb")
+    run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "tiny",
+                "--epochs", 2, "--optimizer", "softadam", "--eta", 4, "--eta-schedule", "linear", "--eta-end", 0,
+                "--results", tmp_path / "r", "--output-dir", tmp_path / "w")
+    record = json.loads((tmp_path / "r" / "softadam-seed1.json").read_text())
+    assert (record["config"]["eta"], record["config"]["eta_schedule"], record["config"]["eta_end"]) == (4.0, "linear", 0.0)

@@ -236,6 +236,18 @@ def test_eta_reaches_fairseq_and_is_softadams_alone(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "--eta is SoftAdam's" in refused.stderr
 
 
+def test_eta_schedule_reaches_fairseq(tmp_path: Path) -> None:
+    result = run_script("run_iwslt14.py", "--dry-run", "--preset", "cpu", "--optimizer", "softadam", "--eta", 4,
+                        "--eta-schedule", "cosine", "--eta-end", 0, "--data-bin", tmp_path, "--work-dir", tmp_path / "w")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--softadam-eta 4.0 " in result.stdout
+    assert "--softadam-eta-schedule cosine --softadam-eta-end 0.0" in result.stdout
+    for bad in (["--eta-schedule", "linear"], ["--eta-end", "0"], ["--optimizer", "sgd", "--eta-schedule", "linear",
+                                                                     "--eta-end", "0"]):
+        refused = run_script("run_iwslt14.py", "--dry-run", "--optimizer", "softadam", *bad, "--data-bin", tmp_path)
+        assert refused.returncode == 2 and "--eta-" in refused.stderr
+
+
 def test_warmup_override_reaches_fairseq(tmp_path: Path) -> None:
     def warmup_of(*extra: object) -> str:
         result = run_script("run_iwslt14.py", "--dry-run", "--preset", "cpu", *extra, "--data-bin", tmp_path,
