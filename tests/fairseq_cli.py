@@ -91,6 +91,16 @@ def translation_args(data_bin: Path, save_dir: Path, *extra: object, lr: float =
     ]
 
 
+def make_reversal_data_bin(raw: Path) -> Path:
+    """The reversal corpus (src -> tgt) written to ``raw`` and binarized into ``raw/../data-bin``."""
+    write_reversal_corpus(raw)
+    out = raw.parent / "data-bin"
+    run_tool("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
+             "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+             "--destdir", out, "--workers", 1)
+    return out
+
+
 def make_translation_data_bin(root: Path) -> Path:
     """A fairseq data-bin of the reversal corpus as de->en under ``root``: ``root/bin``."""
     raw = root / "raw"

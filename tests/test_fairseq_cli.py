@@ -10,8 +10,7 @@ import sacrebleu
 import torch
 
 from fairseq_cli import (
-    COMMON, PLUGIN_DIR, run_tool, train_log, translation_args,
-    write_markov_text, write_reversal_corpus,
+    COMMON, PLUGIN_DIR, make_reversal_data_bin, run_tool, train_log, translation_args, write_markov_text,
 )
 
 TOTAL = 300  # updates of the main run (20 epochs of 15 updates)
@@ -19,13 +18,7 @@ TOTAL = 300  # updates of the main run (20 epochs of 15 updates)
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    raw = tmp_path_factory.mktemp("raw")
-    write_reversal_corpus(raw)
-    out = raw.parent / "data-bin"
-    run_tool("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
-             "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
-             "--destdir", out, "--workers", 1)
-    return out
+    return make_reversal_data_bin(tmp_path_factory.mktemp("raw"))
 
 
 @pytest.fixture(scope="module")

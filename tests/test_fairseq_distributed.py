@@ -15,18 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fairseq_cli import BIN, run_tool, train_log, translation_args, write_reversal_corpus
+from fairseq_cli import BIN, make_reversal_data_bin, train_log, translation_args
 
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    raw = tmp_path_factory.mktemp("raw")
-    write_reversal_corpus(raw)
-    out = raw.parent / "data-bin"
-    run_tool("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
-             "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
-             "--destdir", out, "--workers", 1)
-    return out
+    return make_reversal_data_bin(tmp_path_factory.mktemp("raw"))
 
 
 def free_port() -> int:
