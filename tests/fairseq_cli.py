@@ -92,9 +92,10 @@ def translation_args(data_bin: Path, save_dir: Path, *extra: object, lr: float =
 
 
 def make_reversal_data_bin(raw: Path) -> Path:
-    """The reversal corpus (src -> tgt) written to ``raw`` and binarized into ``raw/../data-bin``."""
+    """The reversal corpus (src -> tgt) written to ``raw`` and binarized into ``raw/data-bin``
+    (inside ``raw``: pytest's temporary folders of different modules share a parent)."""
     write_reversal_corpus(raw)
-    out = raw.parent / "data-bin"
+    out = raw / "data-bin"
     run_tool("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
              "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
              "--destdir", out, "--workers", 1)
