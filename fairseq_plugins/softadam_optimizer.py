@@ -18,7 +18,7 @@ from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II, OmegaConf
 
 from softadam_nlp import SoftAdam
-from softadam_nlp.eta_schedule import check_eta_schedule, eta_at
+from softadam_nlp.eta_schedule import TOOLKIT_ETA_SCHEDULES, check_eta_schedule, eta_at
 
 # SoftAdam's argument name -> the fairseq option that sets it, for error messages.
 _OPTION_FOR_ARGUMENT = {
@@ -45,7 +45,7 @@ class FairseqSoftAdamConfig(FairseqDataclass):
         metadata={"help": "eta >= 0: 0 is SGD with dampened momentum, larger values move towards Adam"},
     )
     softadam_nesterov: bool = field(default=False, metadata={"help": "use the Nesterov numerator"})
-    softadam_eta_schedule: ChoiceEnum(["constant", "linear", "cosine"]) = field(  # type: ignore[valid-type]
+    softadam_eta_schedule: ChoiceEnum(list(TOOLKIT_ETA_SCHEDULES)) = field(  # type: ignore[valid-type]
         default="constant",
         metadata={"help": "move eta from --softadam-eta to --softadam-eta-end over --max-update updates"},
     )

@@ -47,6 +47,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, default_data_collator
 
 from softadam_nlp.data.ptb import EOS, PTB_HUB_DATASET, load_ptb_hub, ptb_files
+from softadam_nlp.eta_schedule import eta_schedule_cli_error
 from softadam_nlp.experiments.bptt import BPTTTrainer, evaluate_stream, segments_per_epoch
 from softadam_nlp.experiments.checkpoints import last_complete_checkpoint
 from softadam_nlp.experiments.records import default_results, record_path, write_record
@@ -171,10 +172,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--max-steps must be >= 1 and --block-size >= 2")
     if args.lr <= 0:
         p.error(f"--lr must be > 0, got {args.lr}")
-    if args.eta_schedule != "constant" and (args.optimizer != "softadam" or args.eta_end is None or args.eta_end < 0):
-        p.error("--eta-schedule is SoftAdam's and needs --eta-end >= 0")
-    if args.eta_schedule == "constant" and args.eta_end is not None:
-        p.error("--eta-end needs a linear or cosine --eta-schedule")
+    eta_schedule_error = eta_schedule_cli_error(args.optimizer, args.eta_schedule, args.eta_end)
+    if eta_schedule_error:
+        p.error(eta_schedule_error)
     return args
 
 

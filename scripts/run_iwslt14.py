@@ -36,6 +36,7 @@ from softadam_nlp.experiments.fairseq_runs import (
     average_checkpoints, check_fairseq_command, checkpoints_to_average, detokenized_bleu, divergence, epoch_curves, fairseq_tool,
     finished_updates, parse_fairseq_log, parse_generate_output, progress_line, recover_last_checkpoint, train_curve,
 )
+from softadam_nlp.eta_schedule import TOOLKIT_ETA_SCHEDULES, eta_schedule_cli_error
 from softadam_nlp.experiments.records import default_results, record_path as make_record_path, write_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-bin", type=Path, default=Path("data/iwslt14.tokenized.de-en/data-bin"))
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--eta", type=float, default=None, help="SoftAdam's eta (default: 1.0, the paper's)")
-    p.add_argument("--eta-schedule", choices=["constant", "linear", "cosine"], default="constant",
+    p.add_argument("--eta-schedule", choices=TOOLKIT_ETA_SCHEDULES, default="constant",
                    help="SoftAdam: move eta from --eta to --eta-end over the run (default: constant)")
     p.add_argument("--eta-end", type=float, default=None, help="SoftAdam: eta at the end of a linear or cosine --eta-schedule")
     p.add_argument("--max-update", type=int, default=None, help="override the preset's budget")
@@ -200,10 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.eta is not None and (args.optimizer != "softadam" or args.eta < 0):
         p.error("--eta is SoftAdam's and must be >= 0")
-    if args.eta_schedule != "constant" and (args.optimizer != "softadam" or args.eta_end is None or args.eta_end < 0):
-        p.error("--eta-schedule is SoftAdam's and needs --eta-end >= 0")
-    if args.eta_schedule == "constant" and args.eta_end is not None:
-        p.error("--eta-end needs a linear or cosine --eta-schedule")
+    eta_schedule_error = eta_schedule_cli_error(args.optimizer, args.eta_schedule, args.eta_end)
+    if eta_schedule_error:
+        p.error(eta_schedule_error)
     if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be >= 0")
     if not args.dry_run and not (args.data_bin / "dict.de.txt").is_file():

@@ -30,9 +30,11 @@ from typing import Any, Optional, Sequence
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["ETA_SCHEDULES", "EtaScheduler", "WithEtaSchedule", "eta_at"]
+__all__ = ["ETA_SCHEDULES", "TOOLKIT_ETA_SCHEDULES", "EtaScheduler", "WithEtaSchedule", "eta_at"]
 
 ETA_SCHEDULES = ("constant", "linear", "cosine", "steps")
+# The schedules the toolkit adapters and experiment scripts offer (a start, an end, a length).
+TOOLKIT_ETA_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def eta_at(
@@ -80,6 +82,16 @@ def check_eta_schedule(
             raise ValueError(f"milestones must be increasing positive step counts, got {list(milestones)}")
         if any(not e >= 0 for e in etas):
             raise ValueError(f"every eta must be >= 0, got {list(etas)}")
+
+
+def eta_schedule_cli_error(optimizer: str, schedule: str, eta_end: Optional[float]) -> Optional[str]:
+    """What is wrong with ``--eta-schedule``/``--eta-end`` on an experiment script's command
+    line, or None."""
+    if schedule != "constant" and (optimizer != "softadam" or eta_end is None or eta_end < 0):
+        return "--eta-schedule is SoftAdam's and needs --eta-end >= 0"
+    if schedule == "constant" and eta_end is not None:
+        return "--eta-end needs a linear or cosine --eta-schedule"
+    return None
 
 
 class EtaScheduler:

@@ -28,7 +28,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.optimization import get_scheduler
 from transformers.trainer_utils import SchedulerType
 
-from softadam_nlp.eta_schedule import EtaScheduler, WithEtaSchedule
+from softadam_nlp.eta_schedule import TOOLKIT_ETA_SCHEDULES as HF_ETA_SCHEDULES, EtaScheduler, WithEtaSchedule
 from softadam_nlp.softadam import SoftAdam
 
 __all__ = [
@@ -48,8 +48,6 @@ __all__ = [
 
 STEP_SCHEDULE = "step"
 SCHEDULE_NAMES = tuple(t.value for t in SchedulerType) + (STEP_SCHEDULE,)
-# eta schedules the factory and the example scripts offer (as fairseq's --softadam-eta-schedule)
-HF_ETA_SCHEDULES = ("constant", "linear", "cosine")
 # Schedules that can be built without knowing the number of training steps.
 _NO_LENGTH_NEEDED = {
     SchedulerType.CONSTANT.value,
