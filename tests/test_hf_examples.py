@@ -99,6 +99,7 @@ def test_awd_lstm_run_writes_a_record_reports_and_skips_finished_runs(tmp_path: 
     assert record["experiment"] == "ptb" and record["optimizer"] == "softadam" and record["seed"] == 1
     assert record["config"]["model"]["weight_drop"] == 0.6  # the paper's SoftAdam setting
     assert record["config"]["lr_scheduler"] == "step" and record["config"]["warmup_steps"] == 0
+    assert record["config"]["flush_denormals"] is True  # x86 supports it; a diverging cell would crawl without
     assert [e["epoch"] for e in record["epochs"]] == list(range(1, 9))
     assert all(e["train_loss"] > 0 and e["wall_seconds"] > 0 for e in record["epochs"])
     # Perplexity over the whole splits: 31 types (uniform guessing: 31), the chain allows about 2.
