@@ -4,8 +4,11 @@
     python scripts/report.py --experiment iwslt14 --records results/cpu/iwslt14 \
         --plot docs/figures/iwslt14_cpu_valid_ppl.png
 
-Rows are optimizers (mean ± std over the seeds found), with the paper's figures in
-adjacent columns; the plot is validation perplexity per epoch, mean over seeds.
+Rows are optimizers (mean ± std over the seeds found; SoftAdam runs with an eta schedule
+get a row per schedule), with the paper's figures in adjacent columns; the plot is
+validation perplexity per epoch, mean over seeds. Several --records folders are pooled:
+
+    python scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/eta_schedule/ptb
 --by-lr tabulates a learning-rate sweep (and --plot draws it against the rate); --heatmap PNG tabulates and draws SoftAdam's
 eta x learning-rate sensitivity grid:
 
@@ -28,7 +31,8 @@ from softadam_nlp.experiments.reporting import (
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", choices=sorted(COLUMNS), required=True)
-    p.add_argument("--records", type=Path, required=True, help="folder of run records (*.json, searched recursively)")
+    p.add_argument("--records", type=Path, nargs="+", required=True,
+                   help="folders of run records (*.json, searched recursively), pooled")
     p.add_argument("--plot", type=Path, default=None,
                    help="write the curves to this PNG (with --by-lr: the metric against the learning rate)")
     p.add_argument("--title", default=None)
@@ -36,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heatmap", type=Path, default=None,
                    help="SoftAdam's eta x lr grid: print it and draw it to this PNG (instead of the table)")
     args = p.parse_args(argv)
-    records = [r for r in load_records(args.records) if r.get("experiment", args.experiment) == args.experiment]
+    records = [r for folder in args.records for r in load_records(folder)
+               if r.get("experiment", args.experiment) == args.experiment]
     if not records:
-        print(f"error: no {args.experiment} records under {args.records}", file=sys.stderr)
+        print(f"error: no {args.experiment} records under {' '.join(map(str, args.records))}", file=sys.stderr)
         return 2
     if args.heatmap:
         print(sensitivity_table(records))

@@ -4,7 +4,7 @@
 # rates (the presets' defaults), SoftAdam's eta x lr grid, then the tables and figures.
 #
 #   bash scripts/reproduce_cpu.sh            # everything not finished yet
-#   bash scripts/reproduce_cpu.sh ptb-lr     # one stage: ptb-lr iwslt-lr ptb iwslt iwslt-long eta-lr report
+#   bash scripts/reproduce_cpu.sh ptb-lr     # one stage: ptb-lr iwslt-lr ptb iwslt iwslt-long eta-lr eta-schedule report
 #
 # Every run writes its record only when it has finished and is skipped once it has one,
 # so this can be stopped at any point and rerun later; an interrupted run resumes from
@@ -20,7 +20,7 @@ JOBS=${JOBS:-2}
 THREADS=${THREADS:-$([ "$JOBS" -gt 1 ] && echo 1 || nproc)}
 DATA_BIN=data/multi30k.tokenized.de-en/data-bin
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(ptb-lr iwslt-lr ptb iwslt iwslt-long eta-lr report)
+[ ${#stages[@]} -gt 0 ] || stages=(ptb-lr iwslt-lr ptb iwslt iwslt-long eta-lr eta-schedule report)
 
 sweep() { OMP_NUM_THREADS="$THREADS" "$PY" scripts/sweep.py "$@"; }
 needs_translation_data() {
@@ -72,6 +72,22 @@ for stage in "${stages[@]}"; do
       sweep ptb --optimizer softadam --eta 0 0.5 1 2 4 10 --lr 10 30 100 300 \
         --results results/cpu/sweeps/ptb_eta_lr --jobs "$JOBS" -- --preset cpu --epochs 1
       ;;
+    eta-schedule)  # issue 10: eta moved 2 -> 0 (Adam-like early, SGD-like late) and 0 -> 2,
+      # linearly over the run, against the constant eta 1 of the ptb and iwslt stages. Both
+      # schedules average eta 1, so only the order differs; everything else is the preset's.
+      needs_translation_data
+      for seed in 1 2 3; do
+        for ends in "2 0" "0 2"; do
+          set -- $ends; name="softadam_eta${1}to${2}_linear"
+          echo "$PY hf_examples/run_language_modeling.py --optimizer softadam --seed $seed --preset cpu" \
+            "--eta $1 --eta-schedule linear --eta-end $2 --results results/cpu/eta_schedule/ptb/$name" \
+            "--output-dir runs/eta_schedule/ptb/$name/seed$seed"
+          echo "$PY scripts/run_iwslt14.py --optimizer softadam --seed $seed --preset cpu --data-bin $DATA_BIN" \
+            "--eta $1 --eta-schedule linear --eta-end $2 --results results/cpu/eta_schedule/iwslt14/$name" \
+            "--work-dir runs/eta_schedule/iwslt14/$name"
+        done
+      done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS="$THREADS" SOFTADAM_NO_FUSED=1 sh -c {}
+      ;;
     report)
       "$PY" scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_lr --by-lr \
         --plot docs/figures/ptb_cpu_lr_sweep.png --title "PTB AWD-LSTM, cpu preset: lr sweep (seed 1)"
@@ -83,7 +99,11 @@ for stage in "${stages[@]}"; do
         --plot docs/figures/iwslt14_cpu_valid_ppl.png --title "Multi30k De-En transformer, cpu preset"
       "$PY" scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_eta_lr \
         --heatmap docs/figures/ptb_softadam_eta_lr.png --title "SoftAdam on PTB (cpu model, 1 epoch)"
+      "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/eta_schedule/ptb \
+        --plot docs/figures/ptb_cpu_eta_schedules.png --title "PTB AWD-LSTM, cpu preset: schedules on eta"
+      "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/iwslt14 results/cpu/eta_schedule/iwslt14 \
+        --plot docs/figures/iwslt14_cpu_eta_schedules.png --title "Multi30k De-En, cpu preset: schedules on eta"
       ;;
-    *) echo "unknown stage $stage (ptb-lr iwslt-lr ptb iwslt iwslt-long eta-lr report)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (ptb-lr iwslt-lr ptb iwslt iwslt-long eta-lr eta-schedule report)" >&2; exit 2 ;;
   esac
 done

@@ -312,3 +312,11 @@ def test_awd_run_with_an_eta_schedule_records_it(tmp_path: Path) -> None:
                 "--results", tmp_path / "r", "--output-dir", tmp_path / "w")
     record = json.loads((tmp_path / "r" / "softadam-seed1.json").read_text())
     assert (record["config"]["eta"], record["config"]["eta_schedule"], record["config"]["eta_end"]) == (4.0, "linear", 0.0)
+    # A constant-eta run in a second folder: the report pools both and keeps them apart.
+    run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "tiny",
+                "--epochs", 2, "--optimizer", "softadam", "--results", tmp_path / "constant", "--output-dir", tmp_path / "w1")
+    report = run_repo_script("scripts/report.py", "--experiment", "ptb", "--records", tmp_path / "constant", tmp_path / "r",
+                             "--plot", tmp_path / "curves.png")
+    assert report.returncode == 0, report.stderr
+    assert "| softadam | 1 |" in report.stdout and "| softadam, eta 4→0 linear | 1 |" in report.stdout
+    assert (tmp_path / "curves.png").stat().st_size > 10_000

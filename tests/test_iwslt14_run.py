@@ -22,7 +22,7 @@ from softadam_nlp.experiments.fairseq_runs import (
     average_checkpoints, check_fairseq_command, checkpoints_to_average, detokenized_bleu, divergence, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
     progress_line, recover_last_checkpoint, train_curve,
 )
-from softadam_nlp.experiments.reporting import markdown_table, sensitivity_grid, sensitivity_table
+from softadam_nlp.experiments.reporting import markdown_table, run_label, sensitivity_grid, sensitivity_table
 
 
 def run_script(name: str, *args: object) -> subprocess.CompletedProcess:
@@ -128,6 +128,28 @@ def test_markdown_table_mean_std_and_paper_columns() -> None:
                for v, b in ((5.0, 30.0), (7.0, 32.0))]
     table = markdown_table(records, "iwslt14")
     assert "| sgd | 2 | 6.00 ± 1.41 | 4.14 | 31.00 ± 1.41 | 31.43 | 31.00 ± 1.41 |" in table
+
+
+def test_eta_scheduled_runs_get_their_own_rows_and_stay_out_of_the_grid() -> None:
+    def fairseq_record(ppl: float, *schedule: str) -> dict:
+        return {"optimizer": "softadam", "valid_ppl": ppl, "tokenized_bleu": 1.0, "sacrebleu": 1.0,
+                "command": ["fairseq-train", "--lr", "0.5", "--softadam-eta", "2.0", *schedule]}
+
+    def trainer_record(ppl: float, schedule: str, end: float | None) -> dict:
+        return {"optimizer": "softadam", "valid_ppl": ppl, "test_ppl": ppl,
+                "config": {"lr": 120, "eta": 1.0 if schedule == "constant" else 0.0, "eta_schedule": schedule, "eta_end": end}}
+
+    records = [fairseq_record(60.0, "--softadam-eta-schedule", "linear", "--softadam-eta-end", "0.0"),
+               fairseq_record(62.0, "--softadam-eta-schedule", "linear", "--softadam-eta-end", "0.0"),
+               fairseq_record(70.0)]
+    assert [run_label(r) for r in records] == ["softadam, eta 2→0 linear"] * 2 + ["softadam"]
+    table = markdown_table(records, "iwslt14")
+    assert "| softadam | 1 | 70.00 | 4.02 |" in table  # the paper's figure only beside constant eta
+    assert "| softadam, eta 2→0 linear | 2 | 61.00 ± 1.41 | - |" in table
+    assert table.index("| softadam |") < table.index("| softadam, eta")
+    ptb = [trainer_record(190.0, "constant", None), trainer_record(185.0, "cosine", 2.0)]
+    assert "| softadam, eta 0→2 cosine | 1 | 185.00 | - |" in markdown_table(ptb, "ptb")
+    assert sensitivity_grid(ptb)[2] == {(1.0, 120.0): 190.0}  # the scheduled run is no grid cell
 
 
 def test_sweep_table_has_a_row_per_learning_rate() -> None:

@@ -60,32 +60,63 @@ def mean_std(values: Sequence[float | None]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def command_value(record: dict, flag: str) -> str | None:
+    """The value given to ``flag`` in the run's recorded command line, if any."""
+    command = record.get("command", [])
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+def eta_schedule(record: dict) -> tuple[str, float, float] | None:
+    """(kind, eta at the start, eta at the end) of a SoftAdam run whose eta was scheduled;
+    None for a constant eta or another optimizer. From ``config`` (Trainer runs) or the
+    ``--softadam-eta-schedule/--softadam-eta/--softadam-eta-end`` flags (fairseq)."""
+    config = record.get("config") or {}
+    kind = config.get("eta_schedule") or command_value(record, "--softadam-eta-schedule")
+    if record.get("optimizer") != "softadam" or kind in (None, "constant"):
+        return None
+    end = config.get("eta_end") if config.get("eta_end") is not None else command_value(record, "--softadam-eta-end")
+    return kind, softadam_eta(record), float(end)
+
+
+def run_label(record: dict) -> str:
+    """What a table row or a curve stands for: the optimizer, and SoftAdam's eta schedule
+    when it has one (``softadam, eta 2→0 linear``), so scheduled runs never pool with
+    constant-eta ones."""
+    schedule = eta_schedule(record)
+    if schedule is None:
+        return record["optimizer"]
+    kind, start, end = schedule
+    return f"{record['optimizer']}, eta {start:g}→{end:g} {kind}"
+
+
+def label_rank(label: str) -> tuple[int, str]:
+    """Table order: the paper's optimizer order, scheduled variants right after their optimizer."""
+    optimizer = label.split(",")[0]
+    return (OPTIMIZER_ORDER.index(optimizer) if optimizer in OPTIMIZER_ORDER else 99, label)
+
+
 def markdown_table(records: list[dict], experiment: str, by_lr: bool = False) -> str:
-    """One row per optimizer: mean ± std over seeds (n runs), the paper's figure beside each.
-    ``by_lr``: one row per optimizer and learning rate (a sweep), with the last epoch's
-    validation perplexity beside the final one."""
-    by_optimizer: dict[str, list[dict]] = defaultdict(list)
+    """One row per optimizer (and eta schedule, see ``run_label``): mean ± std over seeds
+    (n runs), the paper's figure beside each. ``by_lr``: one row per optimizer and
+    learning rate (a sweep), with the last epoch's validation perplexity beside the final one."""
+    by_optimizer: dict = defaultdict(list)
     for record in records:
-        by_optimizer[(record["optimizer"], learning_rate(record)) if by_lr else record["optimizer"]].append(record)
+        by_optimizer[(run_label(record), learning_rate(record)) if by_lr else run_label(record)].append(record)
     header = ["optimizer", "lr", "runs", "last-epoch val ppl"] if by_lr else ["optimizer", "runs"]
     for _, title, paper_key in COLUMNS[experiment]:
         header.append(title)
         if paper_key:
             header.append(f"paper {title.split(' (')[0]}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    def rank(key):
-        optimizer = key[0] if by_lr else key
-        return (OPTIMIZER_ORDER.index(optimizer) if optimizer in OPTIMIZER_ORDER else 99, key)
-
-    for key in sorted(by_optimizer, key=rank):
+    for key in sorted(by_optimizer, key=lambda key: (label_rank(key[0]), key[1]) if by_lr else label_rank(key)):
         runs = by_optimizer[key]
-        optimizer = key[0] if by_lr else key
-        row = [optimizer, f"{key[1]:g}", str(len(runs)), mean_std([last_epoch_valid_ppl(r) for r in runs])] \
-            if by_lr else [optimizer, str(len(runs))]
+        label = key[0] if by_lr else key
+        row = [label, f"{key[1]:g}", str(len(runs)), mean_std([last_epoch_valid_ppl(r) for r in runs])] \
+            if by_lr else [label, str(len(runs))]
         for key, _, paper_key in COLUMNS[experiment]:
             row.append(mean_std([r[key] for r in runs]))
-            if paper_key:
-                paper = PAPER[experiment].get(optimizer, {}).get(paper_key)
+            if paper_key:  # the paper has constant-eta SoftAdam only
+                paper = PAPER[experiment].get(label, {}).get(paper_key)
                 row.append(f"{paper:.2f}" if paper is not None else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -130,7 +161,8 @@ def plot_train_curves(records: list[dict], path: Path, title: str, ylabel: str =
 
 
 def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
-    """Validation perplexity per epoch, mean over seeds per optimizer (Figure 2 style)."""
+    """Validation perplexity per epoch, mean over seeds per optimizer and eta schedule
+    (``run_label``; Figure 2 style)."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -138,9 +170,9 @@ def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
     for record in records:
         for point in record.get("epochs", []):
             if "valid_ppl" in point:
-                curves[record["optimizer"]][point["epoch"]].append(point["valid_ppl"])
+                curves[run_label(record)][point["epoch"]].append(point["valid_ppl"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    for optimizer in sorted(curves):
+    for optimizer in sorted(curves, key=label_rank):
         epochs = sorted(curves[optimizer])
         ax.plot(epochs, [statistics.mean(curves[optimizer][e]) for e in epochs], marker=".", label=optimizer)
     ax.set_xlabel("epoch")
@@ -164,9 +196,9 @@ def plot_lr_sweep(records: list[dict], path: Path, title: str, metric: str = "va
     for record in records:
         value = float(record[metric])
         if math.isfinite(value):
-            points[record["optimizer"]][learning_rate(record)].append(value)
+            points[run_label(record)][learning_rate(record)].append(value)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for optimizer in sorted(points, key=lambda o: OPTIMIZER_ORDER.index(o) if o in OPTIMIZER_ORDER else 99):
+    for optimizer in sorted(points, key=label_rank):
         lrs = sorted(points[optimizer])
         means = [statistics.mean(points[optimizer][lr]) for lr in lrs]
         (line,) = ax.plot(lrs, means, marker="o", label=optimizer)
@@ -185,18 +217,18 @@ def plot_lr_sweep(records: list[dict], path: Path, title: str, metric: str = "va
 
 def softadam_eta(record: dict) -> float | None:
     """SoftAdam's eta of a run: ``config.eta`` (Trainer runs) or ``--softadam-eta`` of its command (fairseq)."""
-    if record.get("config", {}).get("eta") is not None:
+    if (record.get("config") or {}).get("eta") is not None:
         return float(record["config"]["eta"])
-    command = record.get("command", [])
-    return float(command[command.index("--softadam-eta") + 1]) if "--softadam-eta" in command else None
+    value = command_value(record, "--softadam-eta")
+    return float(value) if value is not None else None
 
 
 def sensitivity_grid(records: list[dict], metric: str = "valid_ppl") -> tuple[list[float], list[float], dict]:
-    """(etas, lrs, {(eta, lr): mean metric over seeds}) of SoftAdam records; a cell with a
+    """(etas, lrs, {(eta, lr): mean metric over seeds}) of constant-eta SoftAdam records; a cell with a
     non-finite value (a diverged run) holds inf, a setting without a record is absent."""
     cells: dict[tuple[float, float], list[float]] = defaultdict(list)
     for record in records:
-        if record.get("optimizer") == "softadam" and softadam_eta(record) is not None:
+        if record.get("optimizer") == "softadam" and softadam_eta(record) is not None and eta_schedule(record) is None:
             value = float(record[metric])
             cells[(softadam_eta(record), learning_rate(record))].append(value if math.isfinite(value) else math.inf)
     grid = {key: (math.inf if math.inf in values else statistics.mean(values)) for key, values in cells.items()}
