@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": curve, "train_curve": train_curve(log), "averaged_checkpoints": [c.name for c in checkpoints],
         **valid, "test_sentences": len(ids), "tokenized_bleu": generated["tokenized_bleu"], **sacre,
         # fairseq's cumulative training wall time (it survives resumes) + this evaluation.
-        "train_seconds": curve[-1]["wall_seconds"] if curve else None,
+        "train_seconds": curve[-1].get("wall_seconds") if curve else None,
         "eval_seconds": time.time() - eval_started,
     }
     write_record(record_path, record)

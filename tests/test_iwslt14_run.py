@@ -117,6 +117,9 @@ def test_log_and_generate_parsing() -> None:
            '2026 | INFO | train_inner | {"epoch": 1, "loss": "5"}']
     assert epoch_curves(parse_fairseq_log(log)) == [
         {"epoch": 1, "num_updates": 10, "wall_seconds": 12.0, "train_loss": 4.5, "train_ppl": 22.6, "valid_loss": 4.0, "valid_ppl": 16.0}]
+    # Killed after epoch 2's checkpoint and before its training summary: the epoch keeps its validation.
+    log.append('{"epoch": 2, "valid_loss": "3", "valid_ppl": "8", "valid_num_updates": "20"}')
+    assert epoch_curves(parse_fairseq_log(log))[1] == {"epoch": 2, "num_updates": 20, "valid_loss": 3.0, "valid_ppl": 8.0}
     out = "S-1\tx\nT-1\tthe cat .\nH-1\t-0.1\tthe cat .\nD-1\t-0.1\tthe cat .\nGenerate test with beam=5: BLEU4 = 12.34, 1/2/3/4"
     parsed = parse_generate_output(out)
     assert parsed["hyps"] == {1: "the cat ."} and parsed["refs"] == {1: "the cat ."} and parsed["tokenized_bleu"] == 12.34
@@ -340,7 +343,14 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(data_bin: Path, 
     def losses(epoch: dict) -> dict:
         return {k: v for k, v in epoch.items() if k != "wall_seconds"}
 
-    assert losses(got["epochs"][0]) == losses(want["epochs"][0])  # epoch 1 came from before the kill
+    # Epoch 1 came from before the kill. The kill can land after its checkpoint and before
+    # fairseq logs its training summary (slow machines hit that window), so only its
+    # validation is sure to be there.
+    def validation(epoch: dict) -> dict:
+        return {k: epoch[k] for k in ("epoch", "num_updates", "valid_loss", "valid_ppl")}
+
+    assert validation(got["epochs"][0]) == validation(want["epochs"][0])
+    assert losses(got["epochs"][0]).items() <= losses(want["epochs"][0]).items()
     assert got["epochs"][-1]["num_updates"] == want["epochs"][-1]["num_updates"] == 30
     # fairseq 0.12 does not restore the dropout RNG on resume, so the resumed epoch differs
     # slightly; fairseq's own adam, killed the same way, moved by the same 0.002.

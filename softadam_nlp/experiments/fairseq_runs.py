@@ -116,16 +116,24 @@ def train_curve(records: dict[str, list[dict]]) -> list[dict]:
 def epoch_curves(records: dict[str, list[dict]]) -> list[dict]:
     """[{epoch, train_loss, train_ppl, valid_loss, valid_ppl}, ...] with floats (fairseq logs strings).
 
-    A log appended to by a resumed run can repeat an epoch; its last record wins.
+    A log appended to by a resumed run can repeat an epoch; its last record wins. fairseq
+    saves an epoch's checkpoint before it logs the epoch's training summary, so a run
+    killed in between resumes after that epoch without ever logging it: such an epoch
+    keeps its validation figures and has no train_* or wall_seconds.
     """
     valid = {int(r["epoch"]): r for r in records["valid"]}
     train = {int(r["epoch"]): r for r in records["train"]}
     curve = []
-    for r in (train[e] for e in sorted(train)):
-        epoch = int(r["epoch"])
-        row = {"epoch": epoch, "num_updates": int(r["train_num_updates"]),
-               "wall_seconds": float(r.get("train_wall", "nan")),  # cumulative, across resumes
-               "train_loss": float(r["train_loss"]), "train_ppl": float(r["train_ppl"])}
+    for epoch in sorted(train.keys() | valid.keys()):
+        if epoch in train:
+            r = train[epoch]
+            row = {"epoch": epoch, "num_updates": int(r["train_num_updates"]),
+                   "wall_seconds": float(r.get("train_wall", "nan")),  # cumulative, across resumes
+                   "train_loss": float(r["train_loss"]), "train_ppl": float(r["train_ppl"])}
+        else:
+            row = {"epoch": epoch}
+            if "valid_num_updates" in valid[epoch]:
+                row["num_updates"] = int(valid[epoch]["valid_num_updates"])
         if epoch in valid:
             row["valid_loss"] = float(valid[epoch]["valid_loss"])
             row["valid_ppl"] = float(valid[epoch]["valid_ppl"])
