@@ -160,6 +160,21 @@ def test_flattened_fp16_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         optim.FP16Optimizer.build_optimizer(cfg, list(model(torch.float16).parameters()))
 
 
+def test_fully_sharded_is_refused_by_fairseqs_trainer() -> None:
+    # fairscale's FSDP flattens parameters into one buffer, which would make vbar a mean
+    # over a shard of the whole model; the adapter says supports_flat_params = False and
+    # fairseq's trainer refuses the combination. Build only the trainer's optimizer:
+    # the full trainer would need fairscale, which is not installed.
+    from fairseq.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = training_cfg("--lr", "0.1", "--ddp-backend", "fully_sharded")
+    trainer._wrapped_model, trainer._wrapped_criterion, trainer.cuda = model(), torch.nn.Module(), False
+    assert trainer.is_fsdp
+    with pytest.raises(AssertionError, match="fully_sharded is only compatible with pointwise"):
+        trainer._build_optimizer()
+
+
 def _average_params_worker(rank: int, world_size: int, init_file: str, queue) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     w = torch.nn.Parameter(torch.ones(4))
