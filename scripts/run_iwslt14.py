@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "data_bin": str(args.data_bin), "command": command, "generate_command": generation,
         "epochs": curve, "train_curve": train_curve(log), "averaged_checkpoints": [c.name for c in checkpoints],
         **valid, "test_sentences": len(ids), "tokenized_bleu": generated["tokenized_bleu"], **sacre,
-        # fairseq's cumulative training wall time (it survives resumes) + this evaluation.
+        # training wall time, summed over resumed processes (epoch_curves), then this evaluation
         "train_seconds": curve[-1].get("wall_seconds") if curve else None,
         "eval_seconds": time.time() - eval_started,
     }

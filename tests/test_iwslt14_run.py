@@ -201,6 +201,26 @@ def test_sensitivity_grid_table_and_heatmap(tmp_path: Path) -> None:
     assert (tmp_path / "grid.png").stat().st_size > 10_000
 
 
+def test_wall_seconds_add_up_across_resumed_processes() -> None:
+    # fairseq's train_wall restarts at 0 in each process; a resumed epoch can take longer
+    # than everything before it, so the restart has to be read from the start line.
+    def summary(epoch: int, wall: int) -> str:
+        return (f'{{"epoch": {epoch}, "train_loss": "5", "train_ppl": "32", "train_num_updates": "{10 * epoch}", '
+                f'"train_wall": "{wall}"}}')
+
+    start = "2026-11-29 12:00:00 | INFO | fairseq_cli.train | training on 1 devices (GPUs/TPUs)"
+    log = [start, summary(1, 100), '{"epoch": 2, "loss": "4", "num_updates": "15", "wall": "130"}',  # killed in epoch 2
+           start, summary(2, 150), summary(2, 150), summary(3, 260)]  # fairseq's log file repeats lines
+    assert [e["wall_seconds"] for e in epoch_curves(parse_fairseq_log(log))] == [100.0, 250.0, 360.0]
+    # Killed after epoch 2's checkpoint, before its summary: epoch 2's time is unknown and left out.
+    log = [start, summary(1, 100), '{"epoch": 2, "valid_loss": "3", "valid_ppl": "8", "valid_num_updates": "20"}',
+           start, summary(3, 80)]
+    assert [e.get("wall_seconds") for e in epoch_curves(parse_fairseq_log(log))] == [100.0, None, 180.0]
+    # One uninterrupted process, and a log without start lines, count from 0 throughout.
+    for log in ([start, summary(1, 100), summary(2, 210)], [summary(1, 100), summary(2, 210)]):
+        assert [e["wall_seconds"] for e in epoch_curves(parse_fairseq_log(log))] == [100.0, 210.0]
+
+
 def test_progress_lines_and_train_curve_from_fairseq_logs() -> None:
     lines = [
         '2026-11-28 20:00:00 | INFO | train_inner | {"epoch": 1, "update": 0.1, "loss": "9.5", "ppl": "724", "lr": "0.5", "num_updates": "20", "wall": "7"}',

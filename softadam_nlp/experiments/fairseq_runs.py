@@ -51,14 +51,25 @@ def check_fairseq_command(command: Sequence[str]) -> None:
         raise ValueError(f"{tool} rejects the command: {error[-1] if error else 'unknown error'}") from None
 
 
+# fairseq_cli/train.py logs this once as each fairseq-train process starts.
+_PROCESS_START = re.compile(r"\btraining on \d+ devices")
+
+
 def parse_fairseq_log(lines: Iterable[str]) -> dict[str, list[dict]]:
     """Per-epoch ``train`` and ``valid`` records from ``--log-format json`` output.
 
     Reads both the console form (``... | train | {json}``) and the bare JSON lines of a
-    ``--log-file``; a record is an epoch's train or valid summary by its keys.
+    ``--log-file``; a record is an epoch's train or valid summary by its keys. A log that
+    resumed runs append to holds several fairseq processes: each record gets
+    ``"process"``, the number of the process that logged it (0, 1, ...; counted from
+    fairseq-train's "training on N devices" start line).
     """
     records: dict[str, list[dict]] = {"train": [], "valid": [], "train_inner": []}
+    process = -1
     for line in lines:
+        if _PROCESS_START.search(line):
+            process += 1
+            continue
         start = line.find('{"')
         if start < 0:
             continue
@@ -66,6 +77,7 @@ def parse_fairseq_log(lines: Iterable[str]) -> dict[str, list[dict]]:
             record = json.loads(line[start:])
         except json.JSONDecodeError:
             continue
+        record["process"] = max(process, 0)
         if "train_loss" in record:
             records["train"].append(record)
         elif "valid_loss" in record:
@@ -120,15 +132,18 @@ def epoch_curves(records: dict[str, list[dict]]) -> list[dict]:
     saves an epoch's checkpoint before it logs the epoch's training summary, so a run
     killed in between resumes after that epoch without ever logging it: such an epoch
     keeps its validation figures and has no train_* or wall_seconds.
+
+    ``wall_seconds`` is the training time up to the end of the epoch, summed over the
+    processes of a resumed run (see ``_cumulative_wall``).
     """
     valid = {int(r["epoch"]): r for r in records["valid"]}
     train = {int(r["epoch"]): r for r in records["train"]}
+    wall = _cumulative_wall(records["train"])
     curve = []
     for epoch in sorted(train.keys() | valid.keys()):
         if epoch in train:
             r = train[epoch]
-            row = {"epoch": epoch, "num_updates": int(r["train_num_updates"]),
-                   "wall_seconds": float(r.get("train_wall", "nan")),  # cumulative, across resumes
+            row = {"epoch": epoch, "num_updates": int(r["train_num_updates"]), "wall_seconds": wall[epoch],
                    "train_loss": float(r["train_loss"]), "train_ppl": float(r["train_ppl"])}
         else:
             row = {"epoch": epoch}
@@ -139,6 +154,29 @@ def epoch_curves(records: dict[str, list[dict]]) -> list[dict]:
             row["valid_ppl"] = float(valid[epoch]["valid_ppl"])
         curve.append(row)
     return curve
+
+
+def _cumulative_wall(train_summaries: list[dict]) -> dict[int, float]:
+    """Epoch -> seconds of training up to its end, across resumes.
+
+    fairseq's ``train_wall`` counts from the start of its process, so it starts again
+    from 0 when a run resumes. The resumed process continues from the checkpoint of the
+    epoch before its first one, so its clock is added to that epoch's total. Work lost
+    to a kill (the unfinished epoch) is not counted; neither is an epoch whose summary
+    a kill cut off, so the figure is then a lower bound.
+    """
+    total: dict[int, float] = {}
+    previous = None  # (process, epoch, train_wall) of the summary before, in log order
+    offset = 0.0
+    for summary in train_summaries:
+        process, epoch, seconds = summary.get("process", 0), int(summary["epoch"]), float(summary.get("train_wall", "nan"))
+        # A new process by its start line, or (in a log without them) by its clock going
+        # back. fairseq 0.12 writes each summary to its --log-file several times over.
+        if previous is not None and (process != previous[0] or seconds < previous[2]):
+            offset = total.get(epoch - 1, total[previous[1]] if epoch > previous[1] else 0.0)
+        total[epoch] = offset + seconds
+        previous = (process, epoch, seconds)
+    return total
 
 
 def epoch_checkpoints(checkpoint_dir: Path) -> list[Path]:
