@@ -169,7 +169,8 @@ def _cumulative_wall(train_summaries: list[dict]) -> dict[int, float]:
     previous = None  # (process, epoch, train_wall) of the summary before, in log order
     offset = 0.0
     for summary in train_summaries:
-        process, epoch, seconds = summary.get("process", 0), int(summary["epoch"]), float(summary.get("train_wall", "nan"))
+        process, epoch = summary.get("process", 0), int(summary["epoch"])
+        seconds = float(summary.get("train_wall", "nan"))
         # A new process by its start line, or (in a log without them) by its clock going
         # back. fairseq 0.12 writes each summary to its --log-file several times over.
         if previous is not None and (process != previous[0] or seconds < previous[2]):
