@@ -311,16 +311,24 @@ def test_an_incomplete_checkpoint_last_is_replaced_by_the_newest_complete_one(tm
     def save(name: str, updates: int) -> None:
         torch.save({"optimizer_history": [{"num_updates": updates}]}, tmp_path / name)
 
-    assert recover_last_checkpoint(tmp_path) is None  # nothing to do: no checkpoint yet
-    for epoch in (1, 2):
-        save(f"checkpoint{epoch}.pt", 100 * epoch)
-    save("checkpoint_last.pt", 200)
-    assert recover_last_checkpoint(tmp_path) is None  # complete: left alone
     last = tmp_path / "checkpoint_last.pt"
+    def last_updates() -> int:
+        return torch.load(last, weights_only=False)["optimizer_history"][-1]["num_updates"]
+
+    assert recover_last_checkpoint(tmp_path) is None  # nothing to do: no checkpoint yet
+    save("checkpoint1.pt", 100)
+    assert "missing" in recover_last_checkpoint(tmp_path)  # killed before the first copy onto it
+    assert last_updates() == 100
+    save("checkpoint2.pt", 200)
+    assert "100 updates behind" in recover_last_checkpoint(tmp_path)  # killed before the second copy
+    assert last_updates() == 200
+    assert recover_last_checkpoint(tmp_path) is None  # complete and newest: left alone
+    save("checkpoint_last.pt", 230)  # stopped mid-epoch by --max-update: newer than any epoch
+    assert recover_last_checkpoint(tmp_path) is None and last_updates() == 230
     last.write_bytes(last.read_bytes()[:40])  # killed while fairseq copied onto it
     (tmp_path / "checkpoint2.pt").write_bytes(b"")  # and, for this test, the newest epoch is damaged too
     assert "resuming from checkpoint1.pt" in recover_last_checkpoint(tmp_path)
-    assert torch.load(last, weights_only=False)["optimizer_history"][-1]["num_updates"] == 100
+    assert last_updates() == 100
     assert not (tmp_path / "checkpoint_last.pt.tmp").exists()
     (tmp_path / "checkpoint1.pt").unlink()
     last.write_bytes(b"PK")
@@ -329,8 +337,9 @@ def test_an_incomplete_checkpoint_last_is_replaced_by_the_newest_complete_one(tm
 
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint(data_bin: Path, tmp_path: Path) -> None:
     # SIGKILL the run as soon as its first epoch checkpoint exists (fairseq is then copying
-    # it onto checkpoint_last.pt, or about to), and truncate checkpoint_last.pt as a kill
-    # in the middle of that copy would; a rerun must finish and match an uninterrupted run.
+    # it onto checkpoint_last.pt, or about to), and truncate checkpoint_last.pt if it is there,
+    # as a kill in the middle of that copy would; a rerun must resume from checkpoint1.pt
+    # either way, finish, and match an uninterrupted run.
     def command(name: str) -> list[str]:
         return [sys.executable, str(REPO_ROOT / "scripts" / "run_iwslt14.py"), "--optimizer", "softadam", "--preset",
                 "tiny", "--data-bin", str(data_bin), "--results", str(tmp_path / name / "results"),
@@ -356,8 +365,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(data_bin: Path, 
 
     resumed = subprocess.run(command("killed"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    if last.exists():
-        assert "resuming from checkpoint1.pt" in resumed.stdout
+    assert "resuming from checkpoint1.pt" in resumed.stdout
     want, got = (json.loads((tmp_path / name / "results" / "softadam-seed1.json").read_text())
                  for name in ("straight", "killed"))
     def losses(epoch: dict) -> dict:

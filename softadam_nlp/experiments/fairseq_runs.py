@@ -256,35 +256,50 @@ def detokenized_bleu(hyps: Sequence[str], refs: Sequence[str], lang: str) -> dic
     return {"sacrebleu": score.score, "signature": str(metric.get_signature())}
 
 
-def _loads(checkpoint: Path) -> bool:
+def _updates_if_complete(checkpoint: Path) -> Optional[int]:
+    """Updates done according to ``checkpoint``, or None when it does not load."""
     try:
-        torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        return int(state["optimizer_history"][-1]["num_updates"])
     except Exception:  # truncated or corrupt: whatever torch's reader raises
-        return False
-    return True
+        return None
 
 
 def recover_last_checkpoint(checkpoint_dir: Path) -> Optional[str]:
-    """Make ``checkpoint_last.pt`` a complete checkpoint again after a crash while writing it.
+    """Make ``checkpoint_last.pt`` the newest complete checkpoint again after a crash.
 
-    fairseq writes each epoch checkpoint atomically (a .tmp file, then a rename) but then
-    copies it onto checkpoint_last.pt in place, so a run killed during that copy leaves a
-    truncated checkpoint_last.pt that fairseq cannot resume from. It is replaced (again
-    by a copy and a rename) with the newest epoch checkpoint that loads, or removed when
-    none does, so that training resumes from the last complete checkpoint. Returns what
-    was done, or None when checkpoint_last.pt is absent or loads.
+    At the end of an epoch fairseq writes checkpointN.pt atomically (a .tmp file, then a
+    rename), then copies it onto checkpoint_best.pt and checkpoint_last.pt in place. A run
+    killed in between leaves checkpoint_last.pt missing (first epoch), one epoch old, or
+    truncated, and fairseq resumes from checkpoint_last.pt only: it would start over,
+    repeat an epoch, or fail. So checkpoint_last.pt is replaced (by a copy and a rename)
+    with the newest epoch checkpoint that loads when that one is further on, and a
+    truncated checkpoint_last.pt with no complete epoch checkpoint to replace it is
+    removed, so that training starts over. Returns what was done, or None when
+    checkpoint_last.pt was already the newest complete checkpoint (or there is none).
     """
     last = checkpoint_dir / "checkpoint_last.pt"
-    if not last.exists() or _loads(last):
-        return None
+    last_updates = _updates_if_complete(last) if last.exists() else None
     for candidate in reversed(epoch_checkpoints(checkpoint_dir)):
-        if _loads(candidate):
-            tmp = last.with_name(last.name + ".tmp")
-            shutil.copyfile(candidate, tmp)
-            tmp.replace(last)
-            return f"{last} was incomplete (a crash while it was written): resuming from {candidate.name}"
-    last.unlink()
-    return f"{last} was incomplete and no complete epoch checkpoint is left: training starts over"
+        updates = _updates_if_complete(candidate)
+        if updates is None:
+            continue
+        if last_updates is not None and last_updates >= updates:
+            return None
+        if not last.exists():
+            why = "was missing (a crash before fairseq copied the epoch checkpoint)"
+        elif last_updates is None:
+            why = "was incomplete (a crash while it was written)"
+        else:
+            why = f"was {updates - last_updates} updates behind (a crash before fairseq copied the epoch checkpoint)"
+        tmp = last.with_name(last.name + ".tmp")
+        shutil.copyfile(candidate, tmp)
+        tmp.replace(last)
+        return f"{last} {why}: resuming from {candidate.name}"
+    if last.exists() and last_updates is None:
+        last.unlink()
+        return f"{last} was incomplete and no complete epoch checkpoint is left: training starts over"
+    return None
 
 
 def finished_updates(checkpoint: Path) -> int:
