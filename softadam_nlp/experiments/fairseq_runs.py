@@ -259,8 +259,7 @@ def detokenized_bleu(hyps: Sequence[str], refs: Sequence[str], lang: str) -> dic
 def _updates_if_complete(checkpoint: Path) -> Optional[int]:
     """Updates done according to ``checkpoint``, or None when it does not load."""
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        return int(state["optimizer_history"][-1]["num_updates"])
+        return finished_updates(checkpoint)
     except Exception:  # truncated or corrupt: whatever torch's reader raises
         return None
 
