@@ -14,6 +14,12 @@ eta x learning-rate sensitivity grid:
 
     python scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_eta_lr \
         --heatmap docs/figures/ptb_softadam_eta_lr.png
+
+--per-seed BASELINE adds a seed-by-seed table, each run's difference from BASELINE's run
+of the same seed beside it (--optimizer keeps one optimizer's records):
+
+    python scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/eta_schedule/ptb \
+        --optimizer softadam --per-seed softadam
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ import sys
 from pathlib import Path
 
 from softadam_nlp.experiments.reporting import (
-    COLUMNS, load_records, markdown_table, plot_lr_sweep, plot_sensitivity_heatmap, plot_valid_curves,
-    sensitivity_table,
+    COLUMNS, load_records, markdown_table, per_seed_table, plot_lr_sweep, plot_sensitivity_heatmap,
+    plot_valid_curves, sensitivity_table,
 )
 
 
@@ -39,11 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--by-lr", action="store_true", help="one row per optimizer and learning rate (an lr sweep)")
     p.add_argument("--heatmap", type=Path, default=None,
                    help="SoftAdam's eta x lr grid: print it and draw it to this PNG (instead of the table)")
+    p.add_argument("--optimizer", default=None, help="only this optimizer's records (e.g. softadam)")
+    p.add_argument("--per-seed", metavar="BASELINE", default=None,
+                   help="also print a table per seed with each run's difference from BASELINE's run of the same "
+                        "seed (a row label of the main table, e.g. softadam)")
     args = p.parse_args(argv)
     records = [r for folder in args.records for r in load_records(folder)
-               if r.get("experiment", args.experiment) == args.experiment]
+               if r.get("experiment", args.experiment) == args.experiment
+               and args.optimizer in (None, r.get("optimizer"))]
     if not records:
-        print(f"error: no {args.experiment} records under {' '.join(map(str, args.records))}", file=sys.stderr)
+        only = f" {args.optimizer}" if args.optimizer else ""
+        print(f"error: no {args.experiment}{only} records under {' '.join(map(str, args.records))}", file=sys.stderr)
         return 2
     if args.heatmap:
         print(sensitivity_table(records))
@@ -51,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"heatmap: {args.heatmap}")
         return 0
     print(markdown_table(records, args.experiment, by_lr=args.by_lr))
+    if args.per_seed:
+        try:
+            print(per_seed_table(records, args.experiment, baseline=args.per_seed))
+        except ValueError as error:
+            print(f"error: --per-seed: {error}", file=sys.stderr)
+            return 2
     if args.plot:
         title = args.title or f"{args.experiment}: validation perplexity"
         (plot_lr_sweep if args.by_lr else plot_valid_curves)(records, args.plot, title)

@@ -102,9 +102,9 @@ for stage in "${stages[@]}"; do
         --plot docs/figures/iwslt14_cpu_2100updates.png --title "Multi30k De-En, cpu preset at 2,100 updates (seed 1)"
       "$PY" scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_eta_lr \
         --heatmap docs/figures/ptb_softadam_eta_lr.png --title "SoftAdam on PTB (cpu model, 1 epoch)"
-      "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/eta_schedule/ptb \
+      "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/eta_schedule/ptb --per-seed softadam \
         --plot docs/figures/ptb_cpu_eta_schedules.png --title "PTB AWD-LSTM, cpu preset: schedules on eta"
-      "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/iwslt14 results/cpu/eta_schedule/iwslt14 \
+      "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/iwslt14 results/cpu/eta_schedule/iwslt14 --per-seed softadam \
         --plot docs/figures/iwslt14_cpu_eta_schedules.png --title "Multi30k De-En, cpu preset: schedules on eta"
       ;;
     *) echo "unknown stage $stage (ptb-lr iwslt-lr ptb iwslt iwslt-long eta-lr eta-schedule report)" >&2; exit 2 ;;

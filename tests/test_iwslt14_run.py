@@ -22,7 +22,9 @@ from softadam_nlp.experiments.fairseq_runs import (
     average_checkpoints, check_fairseq_command, checkpoints_to_average, detokenized_bleu, divergence, epoch_checkpoints, epoch_curves, parse_fairseq_log, parse_generate_output,
     progress_line, recover_last_checkpoint, train_curve,
 )
-from softadam_nlp.experiments.reporting import markdown_table, run_label, sensitivity_grid, sensitivity_table
+from softadam_nlp.experiments.reporting import (
+    markdown_table, per_seed_table, run_label, sensitivity_grid, sensitivity_table,
+)
 
 
 def run_script(name: str, *args: object) -> subprocess.CompletedProcess:
@@ -153,6 +155,37 @@ def test_eta_scheduled_runs_get_their_own_rows_and_stay_out_of_the_grid() -> Non
     ptb = [trainer_record(190.0, "constant", None), trainer_record(185.0, "cosine", 2.0)]
     assert "| softadam, eta 0→2 cosine | 1 | 185.00 | - |" in markdown_table(ptb, "ptb")
     assert sensitivity_grid(ptb)[2] == {(1.0, 120.0): 190.0}  # the scheduled run is no grid cell
+
+
+def test_per_seed_table_pairs_each_run_with_the_baselines_same_seed(tmp_path: Path) -> None:
+    def record(seed: int, ppl: float, bleu: float, *schedule: str, optimizer: str = "softadam") -> dict:
+        return {"experiment": "iwslt14", "optimizer": optimizer, "seed": seed, "valid_ppl": ppl, "tokenized_bleu": bleu,
+                "sacrebleu": bleu, "command": ["fairseq-train", "--lr", "0.5", "--softadam-eta", "2.0", *schedule]}
+
+    schedule = ("--softadam-eta-schedule", "linear", "--softadam-eta-end", "0")
+    records = [record(1, 70.0, 5.0), record(2, 68.0, 6.0), record(3, 74.0, 4.5),
+               record(1, 69.5, 5.25, *schedule), record(3, 71.0, 5.0, *schedule)]  # seed 2 not run yet
+    table = per_seed_table(records, "iwslt14", baseline="softadam")
+    assert "| run | seed 1 | seed 2 | seed 3 | mean change |" in table
+    assert "| softadam | 70.00 / 5.00 | 68.00 / 6.00 | 74.00 / 4.50 | - |" in table
+    # differences against the same seed only, and their mean over the seeds both have
+    assert "| softadam, eta 2→0 linear | 69.50 / 5.25 (-0.50 / +0.25) | - | 71.00 / 5.00 (-3.00 / +0.50) " \
+           "| -1.75 / +0.38 |" in table
+    assert table.index("| softadam |") < table.index("| softadam, eta")  # the baseline first
+    assert "mean change" not in per_seed_table(records, "iwslt14")
+    with pytest.raises(ValueError, match="no runs labelled 'adamw'"):
+        per_seed_table(records, "iwslt14", baseline="adamw")
+    with pytest.raises(ValueError, match="two runs of 'softadam' with seed 1"):
+        per_seed_table(records + [record(1, 90.0, 1.0)], "iwslt14", baseline="softadam")
+
+    for i, r in enumerate(records + [record(1, 80.0, 4.0, optimizer="sgd")]):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(r))
+    result = run_script("report.py", "--experiment", "iwslt14", "--records", tmp_path, "--optimizer", "softadam",
+                        "--per-seed", "softadam")
+    assert result.returncode == 0, result.stderr
+    assert "(-3.00 / +0.50)" in result.stdout and "| sgd |" not in result.stdout  # --optimizer keeps SoftAdam's
+    result = run_script("report.py", "--experiment", "iwslt14", "--records", tmp_path, "--per-seed", "adam")
+    assert result.returncode == 2 and "error: --per-seed: no runs labelled 'adam'" in result.stderr
 
 
 def test_sweep_table_has_a_row_per_learning_rate() -> None:

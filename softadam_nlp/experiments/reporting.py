@@ -122,6 +122,54 @@ def markdown_table(records: list[dict], experiment: str, by_lr: bool = False) ->
     return "\n".join(lines) + "\n"
 
 
+# Per experiment, the metrics a per-seed table shows: validation perplexity (lower is
+# better), and for translation tokenized BLEU (higher is better).
+PER_SEED_METRICS = {"iwslt14": ("valid_ppl", "tokenized_bleu"), "ptb": ("valid_ppl",)}
+
+
+def per_seed_table(records: list[dict], experiment: str, baseline: str | None = None) -> str:
+    """One row per ``run_label``, one column per seed: the validation perplexity (Multi30k /
+    IWSLT: ``ppl / BLEU``). With ``baseline`` (a row label, e.g. ``softadam``) each cell also
+    shows, in brackets, its difference from the baseline's run of the same seed, and a last
+    column the mean of those differences: the paired comparison that a few seeds allow, where
+    seed-to-seed spread would swamp a comparison of means. Raises ValueError when two records
+    share a label and seed (pooled settings, e.g. a sweep's learning rates) or when the
+    baseline has no runs."""
+    metrics = PER_SEED_METRICS[experiment]
+    runs: dict[str, dict[int, dict]] = defaultdict(dict)
+    for record in records:
+        label, seed = run_label(record), record.get("seed", 1)
+        if seed in runs[label]:
+            raise ValueError(f"two runs of {label!r} with seed {seed}: give records of one setting per label")
+        runs[label][seed] = record
+    if baseline is not None and baseline not in runs:
+        raise ValueError(f"no runs labelled {baseline!r} to compare against; labels: {', '.join(sorted(runs))}")
+    seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
+
+    def values(record: dict) -> str:
+        return " / ".join(f"{record[m]:.2f}" for m in metrics)
+
+    header = [f"seed {s}" for s in seeds] + (["mean change"] if baseline else [])
+    lines = ["| run | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
+    for label in sorted(runs, key=lambda label: (label != baseline, label_rank(label))):
+        cells, changes = [], []
+        for seed in seeds:
+            record = runs[label].get(seed)
+            reference = runs[baseline].get(seed) if baseline else None
+            if record is None:
+                cells.append("-")
+            elif label == baseline or reference is None:
+                cells.append(values(record))
+            else:
+                change = [record[m] - reference[m] for m in metrics]
+                changes.append(change)
+                cells.append(f"{values(record)} ({' / '.join(f'{c:+.2f}' for c in change)})")
+        if baseline:
+            cells.append(" / ".join(f"{statistics.mean(c):+.2f}" for c in zip(*changes)) if changes else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display on build machines)."""
     import matplotlib
