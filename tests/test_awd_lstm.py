@@ -56,6 +56,25 @@ def test_save_and_load_pretrained_keep_weights_and_tie(tmp_path) -> None:
     assert loaded.decoder.weight is loaded.embedding.weight and loaded.config.weight_drop == 0.6
 
 
+def test_trainers_best_model_reload_restores_the_tied_decoder(tmp_path) -> None:
+    # Trainer's load_best_model_at_end reads the saved weights with strict=False and warns
+    # "missing keys ... ['decoder.weight']": the tied decoder is saved once, as the embedding.
+    # Loading the embedding must bring the decoder with it.
+    from safetensors.torch import load_file
+
+    model = small_model().eval()
+    model.save_pretrained(tmp_path)
+    other = small_model().eval()
+    with torch.no_grad():  # small_model seeds itself: make every weight differ
+        for parameter in other.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    assert not torch.equal(other.embedding.weight, model.embedding.weight)
+    result = other.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    assert result.missing_keys == ["decoder.weight"] and not result.unexpected_keys
+    x = torch.randint(0, 23, (2, 7))
+    assert other.decoder.weight is other.embedding.weight and torch.equal(model(x).logits, other(x).logits)
+
+
 @pytest.mark.parametrize("field, value", [("weight_drop", 1.0), ("dropout_input", -0.1), ("num_layers", 0), ("alpha", -1)])
 def test_config_rejects_bad_values(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"Invalid {field}"):
