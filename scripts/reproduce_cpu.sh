@@ -43,7 +43,7 @@ for stage in "${stages[@]}"; do
           -- --preset cpu --data-bin "$DATA_BIN" || true
       done
       # Ablation: SoftAdam at its best rate with the baselines' 100 warmup updates.
-      sweep iwslt14 --optimizer softadam --lr 0.5 --results results/cpu/sweeps/iwslt14_softadam_warmup100 \
+      sweep iwslt14 --optimizer softadam --lr 0.5 --seeds 1 2 3 --results results/cpu/sweeps/iwslt14_softadam_warmup100 \
         --jobs "$JOBS" -- --preset cpu --data-bin "$DATA_BIN" --warmup 100 || true
       ;;
     ptb)  # three seeds at the preset's rates; SoftAdam's per-tensor execution throughout, as

@@ -188,6 +188,21 @@ def test_per_seed_table_pairs_each_run_with_the_baselines_same_seed(tmp_path: Pa
     assert result.returncode == 2 and "error: --per-seed: no runs labelled 'adam'" in result.stderr
 
 
+def test_softadam_with_warmup_gets_its_own_row() -> None:
+    # The paper's SoftAdam has no warmup; a warmed-up run is an ablation, not more seeds of it.
+    def fairseq_record(optimizer: str, warmup: int, ppl: float) -> dict:
+        return {"optimizer": optimizer, "valid_ppl": ppl, "tokenized_bleu": 1.0, "sacrebleu": 1.0,
+                "command": ["fairseq-train", "--lr", "0.5", "--warmup-updates", str(warmup)]}
+
+    records = [fairseq_record("softadam", 0, 70.0), fairseq_record("softadam", 100, 56.0),
+               fairseq_record("softadam", 100, 58.0), fairseq_record("sgd", 100, 60.0)]
+    assert [run_label(r) for r in records] == ["softadam", "softadam, warmup 100", "softadam, warmup 100", "sgd"]
+    table = markdown_table(records, "iwslt14")
+    assert "| softadam | 1 | 70.00 | 4.02 |" in table and "| softadam, warmup 100 | 2 | 57.00 ± 1.41 | - |" in table
+    trainer = {"optimizer": "softadam", "config": {"lr": 120, "eta": 1.0, "warmup_steps": 50}}
+    assert run_label(trainer) == "softadam, warmup 50"
+
+
 def test_sweep_table_has_a_row_per_learning_rate() -> None:
     def record(lr: float, ppl: float) -> dict:
         return {"optimizer": "softadam", "command": ["fairseq-train", "--lr", str(lr)], "valid_ppl": ppl,

@@ -78,15 +78,27 @@ def eta_schedule(record: dict) -> tuple[str, float, float] | None:
     return kind, softadam_eta(record), float(end)
 
 
+def warmup_steps(record: dict) -> int | None:
+    """The run's warmup length: ``config.warmup_steps`` (Trainer runs) or ``--warmup-updates``
+    of its command (fairseq); None when the record does not say."""
+    config = record.get("config") or {}
+    value = config.get("warmup_steps") if config.get("warmup_steps") is not None else command_value(record, "--warmup-updates")
+    return int(float(value)) if value is not None else None
+
+
 def run_label(record: dict) -> str:
-    """What a table row or a curve stands for: the optimizer, and SoftAdam's eta schedule
-    when it has one (``softadam, eta 2→0 linear``), so scheduled runs never pool with
-    constant-eta ones."""
+    """What a table row or a curve stands for: the optimizer, SoftAdam's eta schedule when it
+    has one (``softadam, eta 2→0 linear``) and SoftAdam's warmup when it has one
+    (``softadam, warmup 100``; the paper's SoftAdam has none), so such runs never pool with
+    the paper's setting."""
+    label = record["optimizer"]
     schedule = eta_schedule(record)
-    if schedule is None:
-        return record["optimizer"]
-    kind, start, end = schedule
-    return f"{record['optimizer']}, eta {start:g}→{end:g} {kind}"
+    if schedule is not None:
+        kind, start, end = schedule
+        label += f", eta {start:g}→{end:g} {kind}"
+    if record["optimizer"] == "softadam" and (warmup_steps(record) or 0) > 0:
+        label += f", warmup {warmup_steps(record)}"
+    return label
 
 
 def label_rank(label: str) -> tuple[int, str]:
