@@ -99,7 +99,7 @@ for stage in "${stages[@]}"; do
       "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/iwslt14 \
         --plot docs/figures/iwslt14_cpu_valid_ppl.png --title "Multi30k De-En transformer, cpu preset"
       "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/sweeps/iwslt14_2100updates \
-        --plot docs/figures/iwslt14_cpu_2100updates.png --title "Multi30k De-En, cpu preset at 2,100 updates (seed 1)"
+        --per-seed softadam --plot docs/figures/iwslt14_cpu_2100updates.png --title "Multi30k, cpu preset, 2,100 updates (AdamW: seed 1 only)"
       "$PY" scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_eta_lr \
         --heatmap docs/figures/ptb_softadam_eta_lr.png --title "SoftAdam on PTB (cpu model, 1 epoch)"
       "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/eta_schedule/ptb --per-seed softadam \
