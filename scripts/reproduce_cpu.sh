@@ -60,12 +60,13 @@ for stage in "${stages[@]}"; do
         done
       done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS="$THREADS" SOFTADAM_NO_FUSED=1 sh -c {}
       ;;
-    iwslt-long)  # seed 1 at three times the cpu budget (2,100 updates, the same warmup): does
+    iwslt-long)  # seed 1 (and seed 2 of SoftAdam and SGD) at three times the cpu budget (2,100 updates, the same warmup): does
       # AdamW's early lead on Table 3 shrink with training time? (docs/RESULTS.md, Table 3)
       # Per-tensor SoftAdam, as for the iwslt stage.
       needs_translation_data
-      for opt in softadam sgd adamw; do
-        echo "$PY scripts/run_iwslt14.py --optimizer $opt --seed 1 --preset cpu --data-bin $DATA_BIN --max-update 2100" \
+      for run in "softadam 1" "sgd 1" "adamw 1" "softadam 2" "sgd 2"; do
+        set -- $run
+        echo "$PY scripts/run_iwslt14.py --optimizer $1 --seed $2 --preset cpu --data-bin $DATA_BIN --max-update 2100" \
           "--results results/cpu/sweeps/iwslt14_2100updates --work-dir runs/iwslt14_2100updates"
       done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS="$THREADS" SOFTADAM_NO_FUSED=1 sh -c {}
       ;;
