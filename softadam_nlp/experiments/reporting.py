@@ -81,8 +81,9 @@ def eta_schedule(record: dict) -> tuple[str, float, float] | None:
 def warmup_steps(record: dict) -> int | None:
     """The run's warmup length: ``config.warmup_steps`` (Trainer runs) or ``--warmup-updates``
     of its command (fairseq); None when the record does not say."""
-    config = record.get("config") or {}
-    value = config.get("warmup_steps") if config.get("warmup_steps") is not None else command_value(record, "--warmup-updates")
+    value = (record.get("config") or {}).get("warmup_steps")
+    if value is None:
+        value = command_value(record, "--warmup-updates")
     return int(float(value)) if value is not None else None
 
 
@@ -96,8 +97,9 @@ def run_label(record: dict) -> str:
     if schedule is not None:
         kind, start, end = schedule
         label += f", eta {start:g}→{end:g} {kind}"
-    if record["optimizer"] == "softadam" and (warmup_steps(record) or 0) > 0:
-        label += f", warmup {warmup_steps(record)}"
+    warmup = warmup_steps(record) if record["optimizer"] == "softadam" else None
+    if warmup:
+        label += f", warmup {warmup}"
     return label
 
 
