@@ -36,12 +36,18 @@ def load_records(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.rglob("*.json"))]
 
 
+def run_setting(record: dict, config_key: str, flag: str) -> float | None:
+    """A setting of the run: ``config[config_key]`` (Trainer runs) or the value of ``flag`` in
+    its recorded command (fairseq); None when the record has neither."""
+    value = (record.get("config") or {}).get(config_key)
+    if value is None:
+        value = command_value(record, flag)
+    return float(value) if value is not None else None
+
+
 def learning_rate(record: dict) -> float | None:
     """The run's peak learning rate: ``config.lr`` (Trainer runs) or ``--lr`` of its command (fairseq)."""
-    if record.get("config", {}).get("lr") is not None:
-        return float(record["config"]["lr"])
-    command = record.get("command", [])
-    return float(command[command.index("--lr") + 1]) if "--lr" in command else None
+    return run_setting(record, "lr", "--lr")
 
 
 def last_epoch_valid_ppl(record: dict) -> float | None:
@@ -74,17 +80,14 @@ def eta_schedule(record: dict) -> tuple[str, float, float] | None:
     kind = config.get("eta_schedule") or command_value(record, "--softadam-eta-schedule")
     if record.get("optimizer") != "softadam" or kind in (None, "constant"):
         return None
-    end = config.get("eta_end") if config.get("eta_end") is not None else command_value(record, "--softadam-eta-end")
-    return kind, softadam_eta(record), float(end)
+    return kind, softadam_eta(record), run_setting(record, "eta_end", "--softadam-eta-end")
 
 
 def warmup_steps(record: dict) -> int | None:
     """The run's warmup length: ``config.warmup_steps`` (Trainer runs) or ``--warmup-updates``
     of its command (fairseq); None when the record does not say."""
-    value = (record.get("config") or {}).get("warmup_steps")
-    if value is None:
-        value = command_value(record, "--warmup-updates")
-    return int(float(value)) if value is not None else None
+    value = run_setting(record, "warmup_steps", "--warmup-updates")
+    return int(value) if value is not None else None
 
 
 def run_label(record: dict) -> str:
@@ -279,10 +282,7 @@ def plot_lr_sweep(records: list[dict], path: Path, title: str, metric: str = "va
 
 def softadam_eta(record: dict) -> float | None:
     """SoftAdam's eta of a run: ``config.eta`` (Trainer runs) or ``--softadam-eta`` of its command (fairseq)."""
-    if (record.get("config") or {}).get("eta") is not None:
-        return float(record["config"]["eta"])
-    value = command_value(record, "--softadam-eta")
-    return float(value) if value is not None else None
+    return run_setting(record, "eta", "--softadam-eta")
 
 
 def sensitivity_grid(records: list[dict], metric: str = "valid_ppl") -> tuple[list[float], list[float], dict]:
