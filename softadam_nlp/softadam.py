@@ -17,7 +17,7 @@ tested against.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -31,11 +31,7 @@ from torch.optim.optimizer import (
 )
 
 from softadam_nlp._fused import fused_cpu_kernel, fused_cpu_unavailable_reason
-
-try:  # torch builds without distributed support have no DTensor, and then none to handle
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
+from softadam_nlp.layout import _PLAIN_TYPES, GroupLayout, TensorLayout, tensor_layout
 
 __all__ = ["SoftAdam", "softadam"]
 
@@ -166,6 +162,8 @@ class SoftAdam(Optimizer):
             # Read by torch's _use_grad_for_differentiable; SoftAdam is not differentiable.
             differentiable=False,
         )
+        self._built_with: list[list[Tensor]] = []  # each group's tensors as added (layout.py)
+        self._layouts: dict[int, tuple[list[Tensor], list[TensorLayout]]] = {}  # per group, from its first step
         super().__init__(params, defaults)
         self.skipped_steps = 0  # steps refused by nonfinite="skip"
         if fused and foreach is not None:
@@ -190,6 +188,9 @@ class SoftAdam(Optimizer):
         for p in group["params"]:
             if torch.is_complex(p):
                 raise ValueError("SoftAdam does not support complex parameters")
+        # Engines that replace a group's tensors with flat partitions (DeepSpeed ZeRO-1/2)
+        # are mapped back to whole tensors through the tensors the group was built with.
+        self._built_with.append(list(group["params"]))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -201,6 +202,8 @@ class SoftAdam(Optimizer):
             group.setdefault("nonfinite", "raise")
             group.setdefault("differentiable", False)
         self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_built_with", [list(group["params"]) for group in self.param_groups])
+        self.__dict__.setdefault("_layouts", {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, keeping float32 moments for low-precision parameters.
@@ -224,18 +227,18 @@ class SoftAdam(Optimizer):
                     device=param.device, dtype=_STATE_DTYPE_KEYS[key](param), copy=True
                 )
 
-    def _use_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        """Whether this step of ``group`` runs a fused execution (see ``fused`` in the class doc)."""
+    def _use_fused(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
+        """Whether this step of ``group`` runs a fused execution (see ``fused`` in the class doc).
+        ``params`` and ``grads`` are the local tensors (or pieces) the execution would update."""
         # An explicit foreach=True/False asks for that execution; fused needs None there.
         if group["fused"] is False or group["foreach"] is not None or not params:
             return False
-        if group["fused"] and all(p.device.type == "cuda" and type(p.data) is Tensor for p in params) \
-                and not torch.compiler.is_compiling():
+        if group["fused"] and all(p.device.type == "cuda" for p in params) and not torch.compiler.is_compiling():
             return True  # the compiled CUDA execution, on request only
-        # The kernel reads raw memory: plain tensors, or the local shards of DTensors (FSDP2),
-        # whose means the step then takes over the whole tensor (_grad_sq_sums).
+        # The kernel reads raw memory: plain contiguous CPU tensors, which the local pieces
+        # of sharded and flattened parameters are (layout.py).
         supported = not torch.compiler.is_compiling() and all(
-            _kernel_can_update(p) and _kernel_can_update(p.grad) for p in params
+            _kernel_can_update(p) and _kernel_can_update(g) for p, g in zip(params, grads)
         )
         if group["fused"] and not supported:
             raise RuntimeError(
@@ -245,50 +248,84 @@ class SoftAdam(Optimizer):
             )
         return supported and fused_cpu_kernel() is not None
 
-    def _exp_avg_sq_means(self, params: list[Tensor], keep: bool) -> Optional[list[Tensor]]:
-        """The fused execution's float64 ``mean(v)`` per parameter when ``keep``: rebuilt from
-        ``v`` where absent. Otherwise dropped: another execution (or ``eta=0``, where the
-        kernel skips it) is about to update ``v`` without it, which would leave it stale."""
-        if not keep:
-            for p in params:
-                self.state[p].pop("exp_avg_sq_mean", None)
-            return None
-        means = []
-        for p in params:
-            state = self.state[p]
-            if "exp_avg_sq_mean" not in state:
-                mean = state["exp_avg_sq"].mean(dtype=torch.float64)
-                # Over the whole tensor: a DTensor's mean is resolved across its shards.
-                state["exp_avg_sq_mean"] = mean.full_tensor() if _is_dtensor(mean) else mean
-            means.append(state["exp_avg_sq_mean"])
-        return means
+    def _plan(self, index: int, group: dict[str, Any]) -> _StepPlan:
+        """The tensors of ``group`` that this step updates, with their layout (layout.py)."""
+        params = group["params"]
+        stepped = [i for i, p in enumerate(params) if p.grad is not None]
+        if any(params[i].grad.is_sparse for i in stepped):
+            raise RuntimeError(
+                "SoftAdam does not support sparse gradients: the per-tensor mean of "
+                "the second moment needs every element (use a dense embedding)"
+            )
+        cached = self._layouts.get(index)
+        if cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params)):
+            built_with = self._built_with[index] if index < len(self._built_with) else params
+            names = group.get("param_names")
+            built_names = [f"'{names[i]}'" if names and len(names) == len(built_with) else f"{i} of param group {index}"
+                           for i in range(len(built_with))]
+            layouts = [
+                tensor_layout(p, built_names[i] if i < len(built_with) and built_with[i] is p
+                              else f"{i} of param group {index}", built_with, built_names)
+                for i, p in enumerate(params)
+            ]
+            if torch.compiler.is_compiling() and any(layout.engine != "plain" for layout in layouts):
+                raise RuntimeError("torch.compile of a SoftAdam step supports plain (unsharded) parameters only")
+            cached = (list(params), layouts)
+            if not torch.compiler.is_compiling():
+                self._layouts[index] = cached
+        stepped_params = [params[i] for i in stepped]
+        return _StepPlan(stepped_params, [p.grad for p in stepped_params], GroupLayout(cached[1], stepped))
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> None:
-        for p in _params_with_grad(group):
-            params.append(p)
-            grads.append(p.grad)
+    def _state_of(self, plan: _StepPlan) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per stepped tensor: exp_avg, exp_avg_sq and the step counter, created on first use."""
+        exp_avgs, exp_avg_sqs, state_steps = [], [], []
+        for p in plan.params:
             state = self.state[p]
             if len(state) == 0:
                 # The step counter lives on the CPU, like torch's non-capturable Adam:
                 # it only feeds scalar coefficients.
                 state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(
-                    p, dtype=_state_dtype(p), memory_format=torch.preserve_format
-                )
-                state["exp_avg_sq"] = torch.zeros_like(
-                    p, dtype=_state_dtype(p), memory_format=torch.preserve_format
-                )
+                state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, state_steps
+
+    def _exp_avg_sq_means(self, plan: _StepPlan, exp_avg_sqs: list[Tensor], keep: bool) -> Optional[list[Tensor]]:
+        """Per entry (layout.py), the float64 ``mean(v)`` of its whole original tensor as of the
+        previous step, when ``keep``: state ``exp_avg_sq_mean``, one 0-dim tensor per stepped
+        tensor, or one entry per piece for tensors that hold several. Rebuilt from ``v`` where
+        absent. Otherwise dropped: another execution is about to update ``v`` without it,
+        which would leave it stale."""
+        if not keep:
+            for p in plan.params:
+                self.state[p].pop("exp_avg_sq_mean", None)
+            return None
+        layout = plan.layout
+        pieces_per_tensor = [0] * len(plan.params)
+        for k, _, _ in layout.entries:
+            pieces_per_tensor[k] += 1
+        missing = [k for k, p in enumerate(plan.params) if "exp_avg_sq_mean" not in self.state[p]]
+        if missing:
+            # mean(v) over each whole original tensor: summed over the local pieces and, for
+            # sharded tensors, across ranks. A layout that needs ranks to add up does this on
+            # every rank at once: its means are kept by every execution, so they go missing
+            # only where the state itself is new (or comes from a checkpoint without them).
+            sums, _ = layout.whole_sums(_sums(layout.views(exp_avg_sqs)))
+            means = sums / torch.tensor(layout.whole_numels, dtype=torch.float64, device=sums.device)
+            start = 0
+            for k, count in enumerate(pieces_per_tensor):
+                if k in missing:
+                    value = means[start:start + count].clone()
+                    multi = layout.layouts[layout.stepped[k]].pieces is not None
+                    self.state[plan.params[k]]["exp_avg_sq_mean"] = value if multi else value.reshape(())
+                start += count
+        out = []
+        for p in plan.params:
+            mean = self.state[p]["exp_avg_sq_mean"]
+            out.extend(mean.unbind() if mean.dim() else [mean])
+        return out
 
     @_use_grad_for_differentiable
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -304,30 +341,33 @@ class SoftAdam(Optimizer):
 
         # Every gradient is checked before anything is written, so that a refused step leaves
         # parameters and state as they were: one non-finite element would otherwise make
-        # the mean of v, and with it every element's step, of its whole tensor NaN.
-        grad_sq_sums = [_grad_sq_sums([p.grad for p in _params_with_grad(group)]) for group in self.param_groups]
-        if not self._gradients_finite(grad_sq_sums):
+        # the mean of v, and with it every element's step, of its whole tensor NaN. The sums
+        # are over whole original tensors (added up across ranks where they are sharded), so
+        # every rank takes the same decision.
+        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        grad_sq_sums = [plan.layout.whole_sums(_sums(plan.layout.views(plan.grads), square=True)) for plan in plans]
+        if not self._gradients_finite(plans, grad_sq_sums):
             self.skipped_steps += 1
             return loss
 
-        for group, group_grad_sq_sums in zip(self.param_groups, grad_sq_sums):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
-            fused = self._use_fused(group, params)
-            exp_avg_sq_means = self._exp_avg_sq_means(params, fused and group["eta"] != 0)
+        for group, plan, (group_grad_sq_sums, _) in zip(self.param_groups, plans, grad_sq_sums):
+            layout = plan.layout
+            exp_avgs, exp_avg_sqs, state_steps = self._state_of(plan)
+            params, grads = layout.views(plan.params), layout.views(plan.grads)
+            fused = self._use_fused(group, params, grads)
+            # Where a mean of v needs ranks to add up, every execution takes it from its
+            # recurrence, with the step's one all-reduce of the gradients' sums (above).
+            exp_avg_sq_means = self._exp_avg_sq_means(plan, exp_avg_sqs, fused or not layout.exact_local)
             beta1, beta2 = group["betas"]
             softadam(
                 params,
                 grads,
-                exp_avgs,
-                exp_avg_sqs,
-                state_steps,
+                layout.views(exp_avgs),
+                layout.views(exp_avg_sqs),
+                [state_steps[k] for k, _, _ in layout.entries],
                 exp_avg_sq_means=exp_avg_sq_means,
                 grad_sq_sums=group_grad_sq_sums,
+                numels=layout.whole_numels,
                 foreach=False if fused else group["foreach"],
                 fused=fused,
                 lr=group["lr"],
@@ -341,31 +381,36 @@ class SoftAdam(Optimizer):
             )
         return loss
 
-    def _gradients_finite(self, grad_sq_sums: list[Tensor]) -> bool:
+    def _gradients_finite(self, plans: list[_StepPlan], grad_sq_sums: list[tuple[Tensor, list[Tensor]]]) -> bool:
         """True when every sum of squared gradients is finite. Otherwise False, to skip the
         step, when every group with a non-finite gradient has ``nonfinite="skip"``; and a
         ValueError naming the first such parameter when one has ``nonfinite="raise"``."""
-        if all(bool(torch.isfinite(sums).all()) for sums in grad_sq_sums):
+        flags = [torch.isfinite(sums).all() for sums, vectors in grad_sq_sums for sums in (sums, *vectors)]
+        if not flags or bool(torch.stack([f.cpu() for f in flags]).all()):
             return True
         first = None
-        for index, (group, sums) in enumerate(zip(self.param_groups, grad_sq_sums)):
-            bad = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
-            if bad and group["nonfinite"] == "raise":
-                first = (index, group, bad[0])
+        for index, (group, plan, (sums, vectors)) in enumerate(zip(self.param_groups, plans, grad_sq_sums)):
+            bad = plan.layout.name_of_first_nonfinite(sums, vectors)
+            if bad is not None and group["nonfinite"] == "raise":
+                first = bad
                 break
         if first is None:
             return False
-        index, group, position = first
-        param = _params_with_grad(group)[position]
-        in_group = next(i for i, p in enumerate(group["params"]) if p is param)
-        names = group.get("param_names")
-        name = f"'{names[in_group]}'" if names else f"{in_group} of param group {index}"
+        name, shape = first
         raise ValueError(
-            f"SoftAdam: the gradient of parameter {name} (shape {tuple(param.shape)}) is not finite "
+            f"SoftAdam: the gradient of parameter {name} (shape {shape}) is not finite "
             "(NaN or inf, or so large that its square overflows); no parameter or optimizer state was "
             "changed. With a loss scaler or overflow handling of your own, pass nonfinite='skip' to "
             "skip such steps instead."
         )
+
+
+class _StepPlan(NamedTuple):
+    """One parameter group's step: the tensors with a gradient, and where their pieces lie."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    layout: GroupLayout
 
 
 def _check_hyperparameters(
@@ -395,77 +440,30 @@ def _check_nonfinite(nonfinite: Any) -> None:
         raise ValueError(f"Invalid nonfinite={nonfinite!r}: must be 'raise' or 'skip'")
 
 
-def _params_with_grad(group: dict[str, Any]) -> list[Tensor]:
-    """The parameters of ``group`` that this step updates: those with a gradient."""
-    params = [p for p in group["params"] if p.grad is not None]
-    if any(p.grad.is_sparse for p in params):
-        raise RuntimeError(
-            "SoftAdam does not support sparse gradients: the per-tensor mean of "
-            "the second moment needs every element (use a dense embedding)"
-        )
-    return params
-
-
-# Exact types of plain tensors: a step checks every tensor's type, so the common case
-# must not pay for isinstance checks against DTensor (hundreds of tensors per step).
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor) not in _PLAIN_TYPES and DTensor is not None and isinstance(tensor, DTensor)
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """The tensor itself, or a DTensor's local shard (sharing its memory)."""
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
-
-
 def _kernel_can_update(tensor: Tensor) -> bool:
     """Whether the fused CPU kernel can read and update ``tensor`` in place: a plain
-    contiguous CPU tensor, or a DTensor sharded or replicated (not partial) whose local
-    shard is one."""
-    if _is_dtensor(tensor):
-        if any(placement.is_partial() for placement in tensor.placements):
-            return False
-        tensor = tensor.to_local()
+    contiguous CPU tensor (the local pieces of sharded parameters are, layout.py)."""
     return type(tensor) in _PLAIN_TYPES and tensor.is_cpu and tensor.is_contiguous()
 
 
-def _grad_sq_sums(grads: list[Tensor]) -> Tensor:
-    r"""``sum(g^2)`` of each gradient over the whole tensor, as a float64 vector on their device.
+def _sums(tensors: list[Tensor], square: bool = False) -> Tensor:
+    r"""``sum(t)`` (``sum(t^2)`` with ``square``) of each local tensor, as a float64 vector on
+    their device.
 
-    Used for two things: the finiteness check of every step, and :math:`\bar v` in the
-    fused executions. For DTensors (FSDP2's sharded parameters) the local shards' sums are
-    added up across the mesh dimensions they are sharded over, one all-reduce per mesh
-    dimension for all of them, so every rank gets the whole tensor's sum.
+    With ``square``, over the gradients: the finiteness check of every step, and the
+    recurrence of :math:`\bar v`. Without, over ``v`` (which is never negative), to rebuild
+    :math:`\bar v` from it. Sums over whole tensors come from these through
+    ``GroupLayout.whole_sums``.
     """
-    if not grads:
+    if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    local = [_local(g) for g in grads]
-    if all(_kernel_can_update(g) for g in local) and fused_cpu_kernel() is not None:
-        sums = fused_cpu_kernel().grad_sq_sums(local)
-    else:
-        # float32 accumulation (float64 for float64 gradients), whatever the gradients' dtype
-        dtype = torch.float64 if any(g.dtype == torch.float64 for g in local) else torch.float32
-        norms = torch._foreach_norm(local, 2, dtype=dtype)
-        sums = torch.stack([n.to(local[0].device) for n in norms]).double().square()
-    sharded: dict[tuple[Any, ...], list[int]] = {}
-    for index, grad in enumerate(grads):
-        if _is_dtensor(grad):
-            sharded.setdefault((grad.device_mesh, tuple(grad.placements)), []).append(index)
-    for (mesh, placements), indices in sharded.items():
-        positions = torch.tensor(indices, device=sums.device)
-        part = sums.index_select(0, positions)
-        for dim, placement in enumerate(placements):
-            if placement.is_partial():
-                raise RuntimeError(
-                    "SoftAdam: a gradient DTensor with a Partial placement (unreduced) cannot be "
-                    "stepped; reduce it first (FSDP2 and DDP do)"
-                )
-            if placement.is_shard():
-                torch.distributed.all_reduce(part, group=mesh.get_group(dim))
-        sums.index_copy_(0, positions, part)
-    return sums
+    if square and all(_kernel_can_update(t) for t in tensors) and fused_cpu_kernel() is not None:
+        return fused_cpu_kernel().grad_sq_sums(tensors)
+    # float32 accumulation (float64 for float64 tensors), whatever the tensors' dtype
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = torch._foreach_norm(tensors, 2 if square else 1, dtype=dtype)
+    sums = torch.stack([n.to(tensors[0].device) for n in norms]).double()
+    return sums.square() if square else sums
 
 
 Scalar = Union[float, Tensor]
@@ -474,7 +472,7 @@ Scalar = Union[float, Tensor]
 def _step_coefficients(
     step: Scalar, beta2: float, eta: float
 ) -> tuple[Scalar, Scalar, Scalar, Scalar]:
-    r"""The scalar part of one SoftAdam step, shared by both executions.
+    r"""The scalar part of one SoftAdam step, shared by every execution.
 
     Returns ``(beta2_t, 1 - beta2_t, 1 + eta - eta*gamma, eta*gamma)``. In eager mode
     ``step`` is a Python number and so are the results; under ``torch.compile`` it
@@ -509,6 +507,7 @@ def softadam(
     *,
     exp_avg_sq_means: Optional[list[Tensor]] = None,
     grad_sq_sums: Optional[Tensor] = None,
+    numels: Optional[list[int]] = None,
     foreach: Optional[bool] = None,
     fused: Optional[bool] = None,
     lr: float,
@@ -520,32 +519,47 @@ def softadam(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    """Functional SoftAdam: apply one step to ``params`` in place.
+    r"""Functional SoftAdam: apply one step to ``params`` in place.
 
     See :class:`SoftAdam` for the algorithm. ``exp_avgs`` and ``exp_avg_sqs`` are in
     the state dtype of each parameter (float32 for bfloat16/float16 parameters);
-    ``state_steps`` are 0-dim tensors incremented here. ``fused=True`` runs the fused
-    CPU kernel (or, for parameters on another device, the ``torch.compile``-d
-    execution), which with ``eta != 0`` needs ``exp_avg_sq_means``: float64 0-dim
-    tensors on the parameters' device holding ``mean(v)`` of the previous step (zero
-    before the first), updated here; it also takes ``grad_sq_sums``, the float64 vector
-    of each gradient's ``sum(g^2)`` over its whole tensor (computed here when omitted;
-    the reference executions do not use it). ``fused=None`` means False in this
-    functional form; :class:`SoftAdam` picks.
+    ``state_steps`` are 0-dim tensors, advanced here once each (entries that are pieces of
+    one tensor share its counter).
+
+    The entries may be pieces of larger original tensors (``SoftAdam`` passes the local
+    pieces of sharded and flattened parameters, ``layout.py``). :math:`\bar v` is then the
+    mean over the whole original tensor, which this function cannot see: pass
+    ``exp_avg_sq_means`` (float64 0-dim tensors holding each whole tensor's
+    :math:`\bar v_{t-1}`, zero before the first step), ``grad_sq_sums`` (float64 vector of
+    each whole tensor's :math:`\sum g_t^2`) and ``numels`` (each whole tensor's number of
+    elements); :math:`\bar v_t = \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t})
+    \sum g_t^2 / n` is computed from them and written back into ``exp_avg_sq_means``, by
+    every execution. Without ``exp_avg_sq_means`` each entry is a whole tensor and the
+    per-tensor and foreach executions take :math:`\bar v_t = \operatorname{mean}(v_t)`
+    directly; ``grad_sq_sums`` and ``numels`` default to the entries' own.
+
+    ``fused=True`` runs the fused CPU kernel (or, for parameters on another device, the
+    ``torch.compile``-d execution) and needs ``exp_avg_sq_means``. ``fused=None`` means
+    False in this functional form; :class:`SoftAdam` picks.
     """
     if fused:
         if foreach:
             raise ValueError("fused=True and foreach=True cannot both be set: pick one execution")
-        if eta != 0 and exp_avg_sq_means is None:
+        if exp_avg_sq_means is None:
             raise ValueError("the fused execution needs exp_avg_sq_means (mean(v) per parameter, float64)")
         func = _compiled_softadam if params and params[0].device.type != "cpu" else _fused_softadam
-        if grad_sq_sums is None:
-            grad_sq_sums = _grad_sq_sums(grads)
     else:
         if foreach is None:
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         func = _multi_tensor_softadam if foreach else _single_tensor_softadam
-        exp_avg_sq_means = grad_sq_sums = None
+    if torch.compiler.is_compiling():
+        torch._foreach_add_(state_steps, 1)  # plain tensors only under compile: no shared counters
+    else:
+        torch._foreach_add_(list({id(s): s for s in state_steps}.values()), 1)
+    if exp_avg_sq_means is not None and params:
+        if grad_sq_sums is None:
+            grad_sq_sums = _sums(grads, square=True)
+        _advance_means(exp_avg_sq_means, grad_sq_sums, numels or [p.numel() for p in params], state_steps, beta2)
     func(
         params,
         grads,
@@ -553,7 +567,6 @@ def softadam(
         exp_avg_sqs,
         state_steps,
         exp_avg_sq_means,
-        grad_sq_sums,
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -565,14 +578,27 @@ def softadam(
     )
 
 
+def _advance_means(
+    means: list[Tensor], grad_sq_sums: Tensor, numels: list[int], state_steps: list[Tensor], beta2: float
+) -> None:
+    r""":math:`\bar v_t = \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t}) \sum g_t^2 / n`, in float64,
+    in place: the mean of v follows the same recurrence as v, so it needs no pass over v."""
+    device = means[0].device
+    weights = torch.tensor([_step_coefficients(_get_value(s), beta2, 0.0)[1] for s in state_steps],
+                           dtype=torch.float64)
+    sizes = torch.tensor([max(n, 1) for n in numels], dtype=torch.float64)
+    old = torch.stack([m.to(torch.float64) for m in means]).to(device)
+    new = (1.0 - weights).to(device) * old + weights.to(device) * (grad_sq_sums.to(device) / sizes.to(device))
+    torch._foreach_copy_(means, list(new.unbind()))
+
+
 def _single_tensor_softadam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    exp_avg_sq_means: None,
-    grad_sq_sums: None,
+    exp_avg_sq_means: Optional[list[Tensor]],
     *,
     lr: float,
     beta1: float,
@@ -583,10 +609,9 @@ def _single_tensor_softadam(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps
+    for i, (param, grad, exp_avg, exp_avg_sq, step_t) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     ):
-        step_t += 1
         beta2_t, second_moment_weight, denom_offset, denom_scale = _step_coefficients(
             _get_value(step_t), beta2, eta
         )
@@ -610,7 +635,8 @@ def _single_tensor_softadam(
             # d == 1 exactly: plain SGD with momentum, bit for bit.
             work.add_(numerator, alpha=-lr)
         else:
-            inv_rms = torch.rsqrt(exp_avg_sq.mean() + _eps_squared(eps, exp_avg_sq.dtype))
+            mean = exp_avg_sq.mean() if exp_avg_sq_means is None else exp_avg_sq_means[i]
+            inv_rms = torch.rsqrt(mean + _eps_squared(eps, exp_avg_sq.dtype)).to(exp_avg_sq.dtype)
             denom = exp_avg_sq.sqrt().mul_(denom_scale * inv_rms).add_(denom_offset)
             work.addcdiv_(numerator, denom, value=-lr * (1 + eta))
         if work is not param:
@@ -623,8 +649,7 @@ def _multi_tensor_softadam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    exp_avg_sq_means: None,
-    grad_sq_sums: None,
+    exp_avg_sq_means: Optional[list[Tensor]],
     *,
     lr: float,
     beta1: float,
@@ -638,9 +663,10 @@ def _multi_tensor_softadam(
     if len(params) == 0:
         return
     grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
+        [params, grads, exp_avgs, exp_avg_sqs, state_steps], with_indices=True  # type: ignore[list-item]
     )
-    for (device_params_, device_grads_, device_exp_avgs_, device_exp_avg_sqs_, device_steps_), _ in grouped.values():
+    for (device_params_, device_grads_, device_exp_avgs_, device_exp_avg_sqs_, device_steps_), indices \
+            in grouped.values():
         device_params: list[Tensor] = list(device_params_)  # type: ignore[arg-type]
         device_exp_avgs: list[Tensor] = list(device_exp_avgs_)  # type: ignore[arg-type]
         device_exp_avg_sqs: list[Tensor] = list(device_exp_avg_sqs_)  # type: ignore[arg-type]
@@ -656,7 +682,6 @@ def _multi_tensor_softadam(
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
 
-        torch._foreach_add_(device_steps, 1)
         steps = [_get_value(s) for s in device_steps]
         if not isinstance(steps[0], Tensor) and all(s == steps[0] for s in steps):
             # The usual eager case: one scalar per coefficient, which keeps the
@@ -690,11 +715,12 @@ def _multi_tensor_softadam(
             # d == 1 exactly: plain SGD with momentum, bit for bit.
             torch._foreach_add_(work, numerators, alpha=-lr)
         else:
-            # Per-tensor mean of v: v >= 0, so its L1 norm is its sum. Out of place: on
-            # DTensors (FSDP2) the norms are partial sums over the shards, which the next
-            # op resolves across ranks, and DTensor allows that for out-of-place ops only.
-            sums = torch._foreach_norm(device_exp_avg_sqs, 1)
-            means = torch._foreach_div(sums, [float(v.numel()) for v in device_exp_avg_sqs])
+            if exp_avg_sq_means is None:
+                # Per-tensor mean of v: v >= 0, so its L1 norm is its sum.
+                sums = torch._foreach_norm(device_exp_avg_sqs, 1)
+                means = torch._foreach_div(sums, [float(v.numel()) for v in device_exp_avg_sqs])
+            else:
+                means = [exp_avg_sq_means[i].to(state_dtype) for i in indices]
             inv_rms = torch._foreach_rsqrt(torch._foreach_add(means, _eps_squared(eps, state_dtype)))
             inv_rms = torch._foreach_mul(inv_rms, denom_scale)
             denoms = torch._foreach_sqrt(device_exp_avg_sqs)
@@ -705,10 +731,9 @@ def _multi_tensor_softadam(
             torch._foreach_copy_(device_params, work)
 
 
-def _advance_steps(state_steps: list[Tensor], beta2: float, eta: float) -> list[list[float]]:
-    """Increment the step counters; return the per-tensor step coefficients of the fused
-    executions as four lists (beta2_t, 1 - beta2_t, denominator offset, eta*gamma)."""
-    torch._foreach_add_(state_steps, 1)
+def _fused_coefficients(state_steps: list[Tensor], beta2: float, eta: float) -> list[list[float]]:
+    """The per-tensor step coefficients of the fused executions, as four lists
+    (beta2_t, 1 - beta2_t, denominator offset, eta*gamma)."""
     steps = [_get_value(s) for s in state_steps]
     if all(s == steps[0] for s in steps):  # the usual case: every tensor on the same step
         coefficients = [_step_coefficients(steps[0], beta2, eta)] * len(steps)
@@ -723,8 +748,7 @@ def _fused_softadam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    exp_avg_sq_means: Optional[list[Tensor]],
-    grad_sq_sums: Tensor,
+    exp_avg_sq_means: list[Tensor],
     *,
     lr: float,
     beta1: float,
@@ -740,20 +764,12 @@ def _fused_softadam(
     kernel = fused_cpu_kernel()
     if kernel is None:
         raise RuntimeError(f"fused=True, but SoftAdam's fused CPU kernel {fused_cpu_unavailable_reason()}")
-    beta2_t, weight, denom_offset, denom_scale = _advance_steps(state_steps, beta2, eta)
-    # With eta = 0 the kernel computes no denominator and never reads the means.
-    means = exp_avg_sq_means if eta != 0 else [_UNUSED_MEAN] * len(params)
-    # DTensors (FSDP2): the kernel updates the local shards; the sums, and so the means,
-    # are the whole tensors' (numel of a DTensor is its global size).
+    beta2_t, weight, denom_offset, denom_scale = _fused_coefficients(state_steps, beta2, eta)
+    means = torch.stack(exp_avg_sq_means).tolist() if eta != 0 else [0.0] * len(params)
     kernel.fused_softadam_(
-        [_local(p) for p in params], [_local(g) for g in grads], [_local(m) for m in exp_avgs],
-        [_local(v) for v in exp_avg_sqs], means, grad_sq_sums.tolist(), [p.numel() for p in params],
-        beta2_t, weight, denom_offset, denom_scale,
+        params, grads, exp_avgs, exp_avg_sqs, means, beta2_t, weight, denom_offset, denom_scale,
         lr, beta1, eps * eps, eta, weight_decay, nesterov, maximize,  # eps^2 floored per dtype there
     )
-
-
-_UNUSED_MEAN = torch.zeros((), dtype=torch.float64)
 
 
 def _compiled_softadam(
@@ -762,8 +778,7 @@ def _compiled_softadam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    exp_avg_sq_means: Optional[list[Tensor]],
-    grad_sq_sums: Tensor,
+    exp_avg_sq_means: list[Tensor],
     *,
     lr: float,
     beta1: float,
@@ -774,37 +789,28 @@ def _compiled_softadam(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    """The fused algorithm (mean of v by its recurrence) as one ``torch.compile``-d function:
-    on CUDA, Triton kernels that each update a tensor in one pass, given the sums of squared
-    gradients of the step's finiteness check. Every per-step number enters as a device
-    tensor, so the graph compiles once."""
+    """The fused algorithm (mean of v by its recurrence, advanced by the caller) as one
+    ``torch.compile``-d function: on CUDA, Triton kernels that each update a tensor in one
+    pass. Every per-step number enters as a device tensor, so the graph compiles once."""
     if len(params) == 0:
         return
-    coefficients = _advance_steps(state_steps, beta2, eta)
+    coefficients = _fused_coefficients(state_steps, beta2, eta)
     n = len(params)
     rows = [*coefficients, [-lr * (1 + eta)] * n, [1 - lr * weight_decay] * n]
     table = torch.tensor(rows, dtype=torch.float64).t().contiguous().to(params[0].device, non_blocking=True)
-    means = exp_avg_sq_means if eta != 0 else [torch.zeros((), dtype=torch.float64, device=p.device) for p in params]
-    grad_sq_means = grad_sq_sums.to(params[0].device) / torch.tensor(
-        [float(p.numel()) for p in params], dtype=torch.float64).to(params[0].device, non_blocking=True)
-    new_means = _compiled_step()(params, grads, exp_avgs, exp_avg_sqs, means, table, grad_sq_means, beta1,
-                                 eps * eps, eta != 0, nesterov, maximize)
-    if eta != 0:
-        # Returned rather than written inside the graph: an in-graph copy into a 0-dim
-        # CPU tensor input is not written back by torch.compile (seen with torch 2.13).
-        torch._foreach_copy_(means, new_means)
+    means = torch.stack(exp_avg_sq_means).to(params[0].device)
+    _compiled_step()(params, grads, exp_avgs, exp_avg_sqs, means, table, beta1, eps * eps, eta != 0, nesterov,
+                     maximize)
 
 
 def _step_body(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    means: list[Tensor], table: Tensor, grad_sq_means: Tensor, beta1: float, eps_squared: float, use_denom: bool,
-    nesterov: bool, maximize: bool,
-) -> list[Tensor]:
+    means: Tensor, table: Tensor, beta1: float, eps_squared: float, use_denom: bool, nesterov: bool,
+    maximize: bool,
+) -> None:
     # The arithmetic of csrc/fused_softadam_cpu.cpp, tensor by tensor (unrolled by the
     # tracer); table rows: beta2_t, 1 - beta2_t, denom offset, eta*gamma, -lr(1+eta), 1 - lr*wd.
-    # Returns mean(v) per tensor (the old value where use_denom is False).
-    new_means = []
-    for i, (param, grad, exp_avg, exp_avg_sq, mean) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, means)):
+    for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         beta2_t, weight, denom_offset, denom_scale, step_size, decay = table[i].to(exp_avg.dtype).unbind()
         g = grad.to(exp_avg.dtype)
         if maximize:
@@ -814,25 +820,20 @@ def _step_body(
         numerator = m * beta1 + g * (1 - beta1) if nesterov else m
         p = param.to(exp_avg.dtype) * decay
         if use_denom:
-            row = table[i]
-            new_mean = row[0] * mean + row[1] * grad_sq_means[i]
             floor = max(eps_squared, torch.finfo(exp_avg.dtype).tiny)
-            scale = (row[3] / (new_mean + floor).sqrt()).to(exp_avg.dtype)
+            scale = (table[i, 3] / (means[i] + floor).sqrt()).to(exp_avg.dtype)
             p = p + step_size * (numerator / (v.sqrt() * scale + denom_offset))
         else:
-            new_mean = mean
             p = p + step_size * numerator
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
         param.copy_(p)
-        new_means.append(new_mean)
-    return new_means
 
 
-_COMPILED_STEP: Optional[Callable[..., list[Tensor]]] = None
+_COMPILED_STEP: Optional[Callable[..., None]] = None
 
 
-def _compiled_step() -> Callable[..., list[Tensor]]:
+def _compiled_step() -> Callable[..., None]:
     global _COMPILED_STEP
     if _COMPILED_STEP is None:
         _COMPILED_STEP = torch.compile(_step_body, fullgraph=True, dynamic=False)

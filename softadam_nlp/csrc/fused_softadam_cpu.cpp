@@ -11,8 +11,8 @@
 // per-tensor mean of v needs no pass of its own because it follows the same
 // recurrence as v:
 //     mean(v_t) = beta2_t * mean(v_{t-1}) + (1 - beta2_t) * sum(g_t^2) / numel,
-// carried across steps in float64 by the caller, which also computes every step
-// coefficient, so the scalar algorithm stays written once.
+// which the caller (softadam.py: _advance_means) carries across steps in float64 and
+// hands over, with every step coefficient, so the scalar algorithm stays written once.
 //
 // Both calls split a large tensor into one contiguous slice per thread, in a fixed
 // order, so a step is deterministic for a given thread count; small tensors run on one
@@ -135,17 +135,14 @@ double tensor_sum_of_squares(const param_t* grad, int64_t n, int threads) {
 
 template <typename param_t, typename opmath_t, bool kNesterov, bool kUseDenom>
 void step_tensor(param_t* param, const param_t* grad, opmath_t* exp_avg, opmath_t* exp_avg_sq, int64_t n,
-                 const Coefficients<opmath_t> c, double denom_scale, double eps_squared, double grad_sq_sum,
-                 int64_t numel, double* mean) {
+                 const Coefficients<opmath_t> c, double denom_scale, double eps_squared, double mean) {
   opmath_t scale = 0;
   if (kUseDenom) {
     // The reference's floor (softadam.py: _eps_squared): with eps = 0 an all-zero tensor
     // keeps 1/sqrt(0 + tiny) finite, and its step 0 / d = 0.
     eps_squared = std::max(eps_squared, static_cast<double>(std::numeric_limits<opmath_t>::min()));
-    // mean(v_t) by its recurrence, then the denominator's scale eta*gamma/sqrt(mean + eps^2).
-    const double new_mean = c.beta2_t * *mean + c.weight * (numel > 0 ? grad_sq_sum / numel : 0.0);
-    scale = static_cast<opmath_t>(denom_scale / std::sqrt(new_mean + eps_squared));
-    *mean = new_mean;
+    // The denominator's scale eta*gamma/sqrt(mean(v_t) + eps^2).
+    scale = static_cast<opmath_t>(denom_scale / std::sqrt(mean + eps_squared));
   }
   for_slices(n, threads_for(n), [&](int64_t begin, int64_t end, int) {
     update_range<param_t, opmath_t, kNesterov, kUseDenom>(param, grad, exp_avg, exp_avg_sq, begin, end, c, scale);
@@ -155,10 +152,8 @@ void step_tensor(param_t* param, const param_t* grad, opmath_t* exp_avg, opmath_
 template <typename param_t, typename opmath_t>
 void step_tensor_dispatch(bool nesterov, bool use_denom, param_t* param, const param_t* grad, opmath_t* exp_avg,
                           opmath_t* exp_avg_sq, int64_t n, const Coefficients<opmath_t>& c, double denom_scale,
-                          double eps_squared, double grad_sq_sum, int64_t numel, double* mean) {
-  auto run = [&](auto kernel) {
-    kernel(param, grad, exp_avg, exp_avg_sq, n, c, denom_scale, eps_squared, grad_sq_sum, numel, mean);
-  };
+                          double eps_squared, double mean) {
+  auto run = [&](auto kernel) { kernel(param, grad, exp_avg, exp_avg_sq, n, c, denom_scale, eps_squared, mean); };
   if (nesterov) {
     use_denom ? run(step_tensor<param_t, opmath_t, true, true>) : run(step_tensor<param_t, opmath_t, true, false>);
   } else {
@@ -217,21 +212,19 @@ at::Tensor grad_sq_sums(const std::vector<at::Tensor>& grads) {
 
 // One step for every tensor of a group, after grad_sq_sums. The per-tensor vectors carry
 // each tensor's own step coefficients (tensors that joined the group later have their
-// own step counts), the sum of its g^2 and the number of elements the mean is over (the
-// whole tensor's, when these are the local shards of a distributed one).
-// exp_avg_sq_means: float64 0-dim tensors holding mean(v_{t-1}), updated in place to
-// mean(v_t) (left as they are when eta = 0, where no denominator is computed).
+// own step counts, and the pieces of a flattened or sharded parameter are tensors here).
+// exp_avg_sq_means: mean(v_t) of each tensor's whole original tensor, already advanced
+// to this step by the caller (unused when eta = 0, where no denominator is computed).
 void fused_softadam_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                     const std::vector<at::Tensor>& exp_avg_sq_means, const std::vector<double>& grad_sq_sum,
-                     const std::vector<int64_t>& numel, const std::vector<double>& beta2_t,
+                     const std::vector<double>& exp_avg_sq_means, const std::vector<double>& beta2_t,
                      const std::vector<double>& second_moment_weight, const std::vector<double>& denom_offset,
                      const std::vector<double>& denom_scale, double lr, double beta1, double eps_squared, double eta,
                      double weight_decay, bool nesterov, bool maximize) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count &&
-                  exp_avg_sq_means.size() == count && grad_sq_sum.size() == count && numel.size() == count &&
-                  beta2_t.size() == count && second_moment_weight.size() == count && denom_offset.size() == count &&
+                  exp_avg_sq_means.size() == count && beta2_t.size() == count &&
+                  second_moment_weight.size() == count && denom_offset.size() == count &&
                   denom_scale.size() == count,
               "fused_softadam_: every list needs one entry per parameter");
   for (size_t k = 0; k < count; ++k) {
@@ -241,14 +234,10 @@ void fused_softadam_(const std::vector<at::Tensor>& params, const std::vector<at
     check_cpu_contiguous(grads[k], "gradient");
     check_cpu_contiguous(exp_avgs[k], "exp_avg");
     check_cpu_contiguous(exp_avg_sqs[k], "exp_avg_sq");
-    TORCH_CHECK(exp_avg_sq_means[k].device().is_cpu(), "fused_softadam_: CPU tensors only (mean)");
     TORCH_CHECK(grads[k].scalar_type() == param.scalar_type(), "fused_softadam_: gradient dtype must match the parameter");
     TORCH_CHECK(grads[k].numel() == param.numel() && exp_avgs[k].numel() == param.numel() &&
                     exp_avg_sqs[k].numel() == param.numel(),
                 "fused_softadam_: gradient and moments must have the parameter's size");
-    TORCH_CHECK(exp_avg_sq_means[k].scalar_type() == at::kDouble && exp_avg_sq_means[k].numel() == 1,
-                "fused_softadam_: means are float64 scalars");
-    TORCH_CHECK(numel[k] >= param.numel(), "fused_softadam_: numel must count at least the local elements");
     const auto state_dtype = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     TORCH_CHECK(exp_avgs[k].scalar_type() == state_dtype && exp_avg_sqs[k].scalar_type() == state_dtype,
                 "fused_softadam_: moments must be in the state dtype (float32 for low-precision parameters)");
@@ -268,8 +257,7 @@ void fused_softadam_(const std::vector<at::Tensor>& params, const std::vector<at
       step_tensor_dispatch<scalar_t, opmath_t>(nesterov, eta != 0.0, param.data_ptr<scalar_t>(),
                                                grads[k].data_ptr<scalar_t>(), exp_avgs[k].data_ptr<opmath_t>(),
                                                exp_avg_sqs[k].data_ptr<opmath_t>(), param.numel(), c, denom_scale[k],
-                                               eps_squared, grad_sq_sum[k], numel[k],
-                                               exp_avg_sq_means[k].data_ptr<double>());
+                                               eps_squared, exp_avg_sq_means[k]);
     });
   });
 }
