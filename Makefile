@@ -21,10 +21,14 @@ $(STAMP): requirements/constraints.txt setup.py Makefile
 	$(PIP) pip setuptools
 	$(PIP) torch numpy cython
 	$(PIP) --no-deps --no-build-isolation fairseq-fixed
-	$(PIP) -e '.[fairseq,hf,experiments,test]'
-	$(PY) -c "import torch, fairseq, transformers, datasets, sacrebleu, softadam_nlp; \
+	@# DeepSpeed, for the ZeRO tests (they run it on CPU with DS_ACCELERATOR=cpu): no ops
+	@# built ahead (DS_BUILD_OPS=0), and --no-deps so that its torch requirement pulls
+	@# nothing; its runtime needs come with the deepspeed extra, pinned like the rest.
+	DS_BUILD_OPS=0 $(PIP) --no-deps --no-build-isolation deepspeed
+	$(PIP) -e '.[fairseq,hf,deepspeed,experiments,test]'
+	DS_ACCELERATOR=cpu $(PY) -c "import torch, fairseq, transformers, datasets, sacrebleu, deepspeed, softadam_nlp; \
 	          print('environment ready: torch', torch.__version__, '| fairseq', fairseq.__version__, \
-	                '| transformers', transformers.__version__)"
+	                '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
 	@# SoftAdam's fused CPU kernel compiles on first use (about a minute, then cached
 	@# in ~/.cache/torch_extensions): build it now, so no run pays for it.
 	$(PY) -c "from softadam_nlp._fused import fused_cpu_kernel, fused_cpu_unavailable_reason as why; \

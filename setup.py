@@ -47,6 +47,10 @@ setup(
             "subword-nmt",
             "sacrebleu",
         ],
+        # DeepSpeed itself is installed separately with --no-deps (see the Makefile), so
+        # that its torch requirement cannot pull another torch. These are its runtime needs.
+        "deepspeed": ["einops", "hjson", "msgpack", "ninja", "numpy", "packaging", "psutil", "py-cpuinfo",
+                      "pydantic", "tqdm"],
         "experiments": ["matplotlib", "numpy"],
         "test": ["pytest", "hypothesis"],
     },

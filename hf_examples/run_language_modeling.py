@@ -53,7 +53,9 @@ from softadam_nlp.experiments.checkpoints import last_complete_checkpoint
 from softadam_nlp.experiments.records import default_results, record_path, write_record
 from softadam_nlp.experiments.runtime import flush_denormals
 from softadam_nlp.hf import (
-    add_optimizer_arguments, available_reporters, optimizers_from_cli, trainer_schedule_name, training_arguments_cli,
+    add_deepspeed_argument, add_optimizer_arguments, available_reporters, deepspeed_cli_error, optimizers_from_cli,
+    trainer_optimizer_arguments, trainer_schedule_name,
+    training_arguments_cli,
 )
 from softadam_nlp.models.awd_lstm import AWDLSTMConfig, AWDLSTMForLanguageModeling
 
@@ -128,6 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_optimizer_arguments(p, lr=None, weight_decay=1.2e-6, momentum=None, lr_scheduler=None)
     p.add_argument("--max-grad-norm", type=float, default=0.25, help="0: no clipping")
     p.add_argument("--output-dir", type=Path, default=None, help="checkpoints and logs (default: runs/ptb/...)")
+    add_deepspeed_argument(p)
     awd = p.add_argument_group("awd_lstm (defaults from --preset)")
     awd.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     awd.add_argument("--epochs", type=int, default=None)
@@ -176,6 +179,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     eta_schedule_error = eta_schedule_cli_error(args.optimizer, args.eta_schedule, args.eta_end)
     if eta_schedule_error:
         p.error(eta_schedule_error)
+    deepspeed_error = deepspeed_cli_error(args)
+    if deepspeed_error:
+        p.error(deepspeed_error)
     return args
 
 
@@ -184,7 +190,8 @@ def training_arguments(args: argparse.Namespace, **overrides) -> TrainingArgumen
         output_dir=str(args.output_dir), per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, weight_decay=args.weight_decay, lr_scheduler_type=trainer_schedule_name(args),
         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), report_to=available_reporters(), **overrides,
+        use_cpu=not torch.cuda.is_available(), report_to=available_reporters(),
+        deepspeed=str(args.deepspeed) if args.deepspeed else None, **overrides,
     )
 
 
@@ -231,14 +238,19 @@ def dry_run(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_si
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    optimizer, scheduler = optimizers_from_cli(args, model, training_args, num_training_steps)
-    hyper = {k: v for k, v in optimizer.defaults.items() if k in ("lr", "eta", "betas", "momentum", "nesterov")}
-    hyper["weight_decay per group"] = [group["weight_decay"] for group in optimizer.param_groups]
     print(shlex.join(["python", "hf_examples/run_language_modeling.py", *argv]))
     print(f"# TrainingArguments, accepted by transformers {transformers.__version__}'s HfArgumentParser:")
     print(shlex.join(flags))
-    print(f"# optimizer {type(optimizer).__name__} {hyper}; schedule {args.lr_scheduler}, warmup {args.warmup_steps}; "
-          f"lr at step 0: {scheduler.get_last_lr()[0]:g}")
+    if training_args.deepspeed:  # Trainer builds the optimizer itself there
+        cls, kwargs = trainer_optimizer_arguments(args, model, training_args)["optimizer_cls_and_kwargs"]
+        print(f"# optimizer {cls.__name__} {kwargs}, given to Trainer as optimizer_cls_and_kwargs (DeepSpeed); "
+              f"schedule {args.lr_scheduler}, warmup {args.warmup_steps}")
+    else:
+        optimizer, scheduler = optimizers_from_cli(args, model, training_args, num_training_steps)
+        hyper = {k: v for k, v in optimizer.defaults.items() if k in ("lr", "eta", "betas", "momentum", "nesterov")}
+        hyper["weight_decay per group"] = [group["weight_decay"] for group in optimizer.param_groups]
+        print(f"# optimizer {type(optimizer).__name__} {hyper}; schedule {args.lr_scheduler}, "
+              f"warmup {args.warmup_steps}; lr at step 0: {scheduler.get_last_lr()[0]:g}")
     print(f"# model {model.config.to_diff_dict()} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     print(f"# {num_training_steps:,} optimizer steps ({args.epochs} epochs, batch {args.batch_size}, bptt {args.bptt}); "
           f"record -> {awd_record_path(args)}")
@@ -252,7 +264,7 @@ def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], v
     model, training_args, num_training_steps = awd_lstm_setup(args, streams, vocab_size)
     trainer = BPTTTrainer(model=model, args=training_args, train_tokens=streams["train"],
                           eval_tokens=streams["valid"], bptt=args.bptt,
-                          optimizers=optimizers_from_cli(args, model, training_args, num_training_steps))
+                          **trainer_optimizer_arguments(args, model, training_args, num_training_steps))
     last, incomplete = last_complete_checkpoint(args.output_dir)
     for folder in incomplete:
         print(f"removed {folder}: incomplete (the run stopped while saving it)", flush=True)
@@ -303,7 +315,7 @@ def train_gpt2(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab
         save_steps=args.max_steps, save_total_limit=2, logging_steps=max(1, min(50, args.max_steps // 10)),
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=blocks(streams["train"]),
-                      data_collator=default_data_collator, optimizers=optimizers_from_cli(args, model, training_args))
+                      data_collator=default_data_collator, **trainer_optimizer_arguments(args, model, training_args))
     last, _ = last_complete_checkpoint(args.output_dir)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     metrics = {"optimizer": args.optimizer, "model": args.model}

@@ -33,7 +33,10 @@ from transformers import (
     Seq2SeqTrainingArguments,
 )
 
-from softadam_nlp.hf import add_optimizer_arguments, available_reporters, optimizers_from_cli, trainer_schedule_name
+from softadam_nlp.hf import (
+    add_deepspeed_argument, add_optimizer_arguments, available_reporters, deepspeed_cli_error,
+    trainer_optimizer_arguments, trainer_schedule_name,
+)
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -102,6 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=1)
     train.add_argument("--output-dir", type=Path, default=Path("runs/hf-translation"))
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    add_deepspeed_argument(train)
     args = p.parse_args(argv)
     if args.data_dir:
         for split in ("train", "valid"):
@@ -112,6 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"give --data-dir or all of {', '.join(missing)}")
     if args.max_steps < 1:
         p.error("--max-steps must be >= 1")
+    deepspeed_error = deepspeed_cli_error(args)
+    if deepspeed_error:
+        p.error(deepspeed_error)
     return args
 
 
@@ -148,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         save_strategy="steps", save_steps=args.eval_steps or args.max_steps, save_total_limit=2,
         logging_steps=max(1, min(50, args.max_steps // 10)), report_to=available_reporters(),
         predict_with_generate=True, generation_num_beams=args.beams, generation_max_length=args.max_length,
+        deepspeed=str(args.deepspeed) if args.deepspeed else None,
     )
-    optimizers = optimizers_from_cli(args, model, training_args)
+    optimizer_arguments = trainer_optimizer_arguments(args, model, training_args)
 
     def compute_metrics(prediction) -> dict[str, float]:
         predictions = np.where(prediction.predictions < 0, tokenizer.pad_token_id, prediction.predictions)
@@ -161,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Seq2SeqTrainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=valid_set,
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer,
-        optimizers=optimizers, compute_metrics=compute_metrics,
+        compute_metrics=compute_metrics, **optimizer_arguments,
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     metrics = trainer.evaluate(num_beams=args.beams, max_length=args.max_length)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 from functools import partial
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -40,9 +41,12 @@ __all__ = [
     "get_step_schedule_with_warmup",
     "optimizer_cls_and_kwargs",
     "SCHEDULE_NAMES",
+    "add_deepspeed_argument",
     "add_optimizer_arguments",
+    "deepspeed_cli_error",
     "available_reporters",
     "optimizers_from_cli",
+    "trainer_optimizer_arguments",
     "trainer_schedule_name",
 ]
 
@@ -80,7 +84,9 @@ def softadam_kwargs_from_args(args: TrainingArguments, **overrides: Any) -> dict
 
 def optimizer_cls_and_kwargs(args: TrainingArguments, **softadam_kwargs: Any) -> tuple[type, dict[str, Any]]:
     """For ``Trainer(optimizer_cls_and_kwargs=...)``: Trainer makes the decay/no-decay
-    groups with ``args.weight_decay`` and builds the schedule from ``args``."""
+    groups with ``args.weight_decay`` and builds the schedule from ``args``. This is the
+    route that works under DeepSpeed (ZeRO stages 0-2), where Trainer hands the optimizer
+    it builds to DeepSpeed."""
     return SoftAdam, softadam_kwargs_from_args(args, **softadam_kwargs)
 
 
@@ -104,8 +110,25 @@ def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[
     ]
 
 
+def _refuse_under_deepspeed(args: TrainingArguments) -> None:
+    """Trainer(optimizers=...) under DeepSpeed: Trainer would silently train its own optimizer."""
+    if getattr(args, "deepspeed", None):
+        raise ValueError(
+            "TrainingArguments.deepspeed is set: under DeepSpeed, Trainer discards an optimizer given as "
+            "Trainer(optimizers=...) and silently trains the one it builds itself. Pass SoftAdam as "
+            "Trainer(optimizer_cls_and_kwargs=softadam_nlp.hf.optimizer_cls_and_kwargs(args, eta=...)) instead, "
+            "with ZeRO stage 0, 1 or 2 (SoftAdam refuses stage 3), and no \"optimizer\" section in the DeepSpeed "
+            "config; Trainer then builds the learning-rate schedule from args (eta schedules need optimizers=, "
+            "so they are not available under DeepSpeed)."
+        )
+
+
 def create_optimizer(model: torch.nn.Module, args: TrainingArguments, **softadam_kwargs: Any) -> SoftAdam:
-    """SoftAdam over ``model`` with Trainer's weight-decay grouping and ``args``' settings."""
+    """SoftAdam over ``model`` with Trainer's weight-decay grouping and ``args``' settings.
+
+    Raises ValueError when ``args.deepspeed`` is set: use :func:`optimizer_cls_and_kwargs` there.
+    """
+    _refuse_under_deepspeed(args)
     return SoftAdam(decay_parameter_groups(model, args.weight_decay), **softadam_kwargs_from_args(args, **softadam_kwargs))
 
 
@@ -244,6 +267,7 @@ def build_optimizers(
         return create_optimizer_and_scheduler(model, args, num_training_steps, lr_scheduler_type, **softadam_kwargs)
     if softadam_kwargs:
         raise TypeError(f"{sorted(softadam_kwargs)} only apply to softadam, not {name}")
+    _refuse_under_deepspeed(args)
     groups = decay_parameter_groups(model, args.weight_decay)
     if name == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(
@@ -292,6 +316,25 @@ def add_optimizer_arguments(
     group.add_argument("--warmup-steps", type=float, default=0, help=">= 1: steps; < 1: fraction of training")
 
 
+def add_deepspeed_argument(parser: Any) -> None:
+    """``--deepspeed CONFIG`` for the example scripts (read by :func:`trainer_optimizer_arguments`)."""
+    parser.add_argument("--deepspeed", type=Path, default=None, metavar="CONFIG",
+                        help="train under DeepSpeed with this JSON config (ZeRO stage 0, 1 or 2; launch with "
+                             "torchrun or deepspeed); SoftAdam then reaches Trainer as optimizer_cls_and_kwargs")
+
+
+def deepspeed_cli_error(cli_args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with ``--deepspeed`` and the options it cannot go with, if anything."""
+    if not getattr(cli_args, "deepspeed", None):
+        return None
+    if not cli_args.deepspeed.is_file():
+        return f"--deepspeed {cli_args.deepspeed}: no such file"
+    if cli_args.lr_scheduler == STEP_SCHEDULE or getattr(cli_args, "eta_schedule", "constant") != "constant":
+        return ("--deepspeed: Trainer builds the learning-rate schedule itself there, so --lr-scheduler step and "
+                "--eta-schedule are not available; pick a transformers schedule (--lr-scheduler linear, ...)")
+    return None
+
+
 def trainer_schedule_name(cli_args: argparse.Namespace) -> str:
     """A name TrainingArguments accepts: it does not know "step", which the schedule
     built by :func:`optimizers_from_cli` handles itself."""
@@ -313,6 +356,38 @@ def optimizers_from_cli(
         extra = {"momentum": cli_args.momentum}
     return build_optimizers(cli_args.optimizer, model, training_args, num_training_steps,
                             lr_scheduler_type=cli_args.lr_scheduler, **extra)
+
+
+def trainer_optimizer_arguments(
+    cli_args: argparse.Namespace,
+    model: torch.nn.Module,
+    training_args: TrainingArguments,
+    num_training_steps: Optional[int] = None,
+) -> dict[str, Any]:
+    """Trainer's keyword argument for the optimizer of :func:`add_optimizer_arguments`' options.
+
+    ``{"optimizers": (optimizer, schedule)}`` (:func:`optimizers_from_cli`), or under DeepSpeed
+    (``training_args.deepspeed`` set), where Trainer keeps only an optimizer it builds itself,
+    ``{"optimizer_cls_and_kwargs": ...}``: Trainer then makes the weight-decay groups and the
+    learning-rate schedule from ``training_args``, so the paper's ``"step"`` schedule and eta
+    schedules are refused there with a ValueError.
+    """
+    if not getattr(training_args, "deepspeed", None):
+        return {"optimizers": optimizers_from_cli(cli_args, model, training_args, num_training_steps)}
+    if cli_args.lr_scheduler == STEP_SCHEDULE or getattr(cli_args, "eta_schedule", "constant") != "constant":
+        raise ValueError("under DeepSpeed, Trainer builds the learning-rate schedule itself: the 'step' schedule "
+                         "and eta schedules are not available there (choose --lr-scheduler from transformers' "
+                         "names, and a constant eta)")
+    betas = {"betas": (training_args.adam_beta1, training_args.adam_beta2), "eps": training_args.adam_epsilon}
+    classes: dict[str, tuple[type, dict[str, Any]]] = {
+        "adamw": (torch.optim.AdamW, betas),
+        "adam": (torch.optim.Adam, betas),
+        "sgd": (torch.optim.SGD, {"momentum": cli_args.momentum}),
+    }
+    if cli_args.optimizer == "softadam":
+        return {"optimizer_cls_and_kwargs": optimizer_cls_and_kwargs(training_args, eta=cli_args.eta)}
+    cls, kwargs = classes[cli_args.optimizer]
+    return {"optimizer_cls_and_kwargs": (cls, {"lr": training_args.learning_rate, **kwargs})}
 
 
 def training_arguments_cli(training_args: TrainingArguments) -> list[str]:

@@ -164,6 +164,7 @@ class SoftAdam(Optimizer):
         )
         self._built_with: list[list[Tensor]] = []  # each group's tensors as added (layout.py)
         self._layouts: dict[int, tuple[list[Tensor], list[TensorLayout]]] = {}  # per group, from its first step
+        self._group_index: dict[int, int] = {}  # id(group dict) -> its position when added
         super().__init__(params, defaults)
         self.skipped_steps = 0  # steps refused by nonfinite="skip"
         if fused and foreach is not None:
@@ -191,6 +192,9 @@ class SoftAdam(Optimizer):
         # Engines that replace a group's tensors with flat partitions (DeepSpeed ZeRO-1/2)
         # are mapped back to whole tensors through the tensors the group was built with.
         self._built_with.append(list(group["params"]))
+        # DeepSpeed ZeRO-1/2 steps one group at a time, with param_groups set to [that group]:
+        # a group is known by its dict, not by its position in param_groups.
+        self._group_index[id(group)] = len(self._built_with) - 1
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -204,6 +208,8 @@ class SoftAdam(Optimizer):
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_built_with", [list(group["params"]) for group in self.param_groups])
         self.__dict__.setdefault("_layouts", {})
+        # Also called by load_state_dict, which makes new group dicts.
+        self._group_index = {id(group): i for i, group in enumerate(self.param_groups)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, keeping float32 moments for low-precision parameters.
@@ -344,7 +350,8 @@ class SoftAdam(Optimizer):
         # the mean of v, and with it every element's step, of its whole tensor NaN. The sums
         # are over whole original tensors (added up across ranks where they are sharded), so
         # every rank takes the same decision.
-        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        plans = [self._plan(self._group_index.get(id(group), position), group)
+                 for position, group in enumerate(self.param_groups)]
         grad_sq_sums = [plan.layout.whole_sums(_sums(plan.layout.views(plan.grads), square=True)) for plan in plans]
         if not self._gradients_finite(plans, grad_sq_sums):
             self.skipped_steps += 1
@@ -552,11 +559,13 @@ def softadam(
         if foreach is None:
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         func = _multi_tensor_softadam if foreach else _single_tensor_softadam
+    if not params:
+        return
     if torch.compiler.is_compiling():
         torch._foreach_add_(state_steps, 1)  # plain tensors only under compile: no shared counters
     else:
         torch._foreach_add_(list({id(s): s for s in state_steps}.values()), 1)
-    if exp_avg_sq_means is not None and params:
+    if exp_avg_sq_means is not None:
         if grad_sq_sums is None:
             grad_sq_sums = _sums(grads, square=True)
         _advance_means(exp_avg_sq_means, grad_sq_sums, numels or [p.numel() for p in params], state_steps, beta2)

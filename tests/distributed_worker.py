@@ -129,6 +129,26 @@ def main(out: Path) -> None:
     unchanged = all(torch.equal(before[k], v) for k, v in full_parameters(model).items())
     (out / f"nonfinite-rank{rank}.txt").write_text(f"{outcome}\nunchanged={unchanged}\n")
 
+    # DDP: a NaN in rank 1's half of the batch reaches every rank through DDP's all-reduce
+    # of the gradients, so every rank refuses the same step (no collective of SoftAdam's).
+    model = DistributedDataParallel(build_model())
+    optimizer = SoftAdam(model.module.named_parameters(), lr=0.01)
+    before = full_parameters(model.module)
+    inputs, targets = batches()[0]
+    share = BATCH // 2
+    inputs = inputs[rank * share:(rank + 1) * share].clone()
+    if rank == 1:
+        inputs[0, 0, 0] = float("nan")
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(inputs), targets[rank * share:(rank + 1) * share]).backward()
+    try:
+        optimizer.step()
+        outcome = "stepped"
+    except ValueError as error:
+        outcome = str(error)
+    unchanged = all(torch.equal(before[k], v) for k, v in full_parameters(model.module).items())
+    (out / f"nonfinite-ddp-rank{rank}.txt").write_text(f"{outcome}\nunchanged={unchanged}\n")
+
     if rank == 0:
         torch.save(results, out / "results.pt")
     dist.destroy_process_group()

@@ -74,3 +74,10 @@ def test_a_nonfinite_gradient_on_one_rank_stops_every_rank_unchanged(distributed
         outcome, unchanged = (out / f"nonfinite-rank{rank}.txt").read_text().splitlines()
         assert "gradient of parameter '1.weight' (shape (7, 12)) is not finite" in outcome
         assert unchanged == "unchanged=True"
+
+
+def test_ddp_a_nan_in_one_ranks_batch_stops_every_rank_unchanged(distributed_run) -> None:
+    _, out = distributed_run
+    outcomes = [(out / f"nonfinite-ddp-rank{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    assert outcomes[0] == outcomes[1]
+    assert "is not finite" in outcomes[0][0] and outcomes[0][1] == "unchanged=True"

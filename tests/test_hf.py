@@ -14,7 +14,7 @@ from transformers import (
 
 from softadam_nlp import SoftAdam
 from softadam_nlp.hf import (
-    SCHEDULE_NAMES, create_optimizer, create_optimizer_and_scheduler, optimizer_cls_and_kwargs,
+    SCHEDULE_NAMES, build_optimizers, create_optimizer, create_optimizer_and_scheduler, optimizer_cls_and_kwargs,
 )
 
 
@@ -210,3 +210,19 @@ def test_factory_names_the_parameter_with_a_nonfinite_gradient(tmp_path) -> None
     optimizer, _ = create_optimizer_and_scheduler(model, args, num_training_steps=10, nonfinite="skip")
     optimizer.step()
     assert optimizer.skipped_steps == 1
+
+
+def test_factory_refuses_deepspeed_and_points_to_optimizer_cls_and_kwargs(tmp_path: Path, monkeypatch) -> None:
+    # Under DeepSpeed, Trainer replaces an optimizer given as optimizers=(...) with its own
+    # AdamW without a word; the factory refuses instead (Trainer with DeepSpeed through
+    # optimizer_cls_and_kwargs is tests/test_hf_distributed.py).
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    args = training_args(tmp_path, max_steps=10, deepspeed={"zero_optimization": {"stage": 2},
+                                                            "train_micro_batch_size_per_gpu": "auto"})
+    model = tiny_models()["gpt2"]
+    for build in (lambda: create_optimizer_and_scheduler(model, args), lambda: create_optimizer(model, args),
+                  lambda: build_optimizers("adamw", model, args)):
+        with pytest.raises(ValueError, match="optimizer_cls_and_kwargs=softadam_nlp.hf.optimizer_cls_and_kwargs"):
+            build()
+    cls, kwargs = optimizer_cls_and_kwargs(args, eta=0.5)  # the route that works there
+    assert cls is SoftAdam and kwargs["eta"] == 0.5

@@ -320,3 +320,30 @@ def test_awd_run_with_an_eta_schedule_records_it(tmp_path: Path) -> None:
     assert report.returncode == 0, report.stderr
     assert "| softadam | 1 |" in report.stdout and "| softadam, eta 4→0 linear | 1 |" in report.stdout
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_deepspeed_option_hands_softadam_to_trainer_as_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
+    # Trainer discards optimizers=(...) under DeepSpeed, so --deepspeed switches the scripts to
+    # optimizer_cls_and_kwargs (Trainer + DeepSpeed training itself: tests/test_hf_distributed.py).
+    from transformers import HfArgumentParser, TrainingArguments
+
+    write_ptb_layout(tmp_path / "ptb")
+    config = tmp_path / "ds.json"
+    config.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')
+    common = ("--data-dir", tmp_path / "ptb", "--no-verify", "--dry-run", "--output-dir", tmp_path / "work",
+              "--results", tmp_path / "results")
+    result = run_repo_script("hf_examples/run_language_modeling.py", *common, "--deepspeed", config,
+                             "--lr-scheduler", "linear", "--eta", "0.5", DS_ACCELERATOR="cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "# optimizer SoftAdam {'lr': 120.0, 'betas': (0.9, 0.999), 'eps': 1e-08, 'eta': 0.5}, given to Trainer " \
+           "as optimizer_cls_and_kwargs (DeepSpeed)" in result.stdout
+    lines = result.stdout.splitlines()
+    flags = shlex.split(lines[lines.index(next(l for l in lines if l.startswith("# TrainingArguments"))) + 1])
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(flags)
+    assert args.deepspeed == str(config)
+    for extra, message in ((["--deepspeed", tmp_path / "none.json"], "no such file"),
+                           (["--deepspeed", config, "--lr-scheduler", "step"],
+                            "--lr-scheduler step and --eta-schedule are not available")):
+        for script in ("run_language_modeling.py", "run_translation.py"):
+            bad = run_repo_script(f"hf_examples/{script}", *common[:2], *extra)
+            assert bad.returncode == 2 and message in bad.stderr, (script, bad.stderr[-500:])

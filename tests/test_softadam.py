@@ -329,3 +329,25 @@ def test_deepcopy_and_repr() -> None:
     clone = copy.deepcopy(opt)
     assert clone.param_groups[0]["eta"] == 2.0
     assert "SoftAdam" in repr(opt) and "eta: 2.0" in repr(opt)
+
+
+def test_tensors_it_was_not_built_with_are_refused() -> None:
+    # A wrapper that swaps the optimizer's tensors for flat copies (as DeepSpeed's fp16
+    # optimizer and fairscale do) would turn the mean of v over each tensor into a mean over
+    # the flat buffer: the first step refuses, naming what happened (layout.py).
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
+    opt = SoftAdam([a, b], lr=0.1)
+    flat = torch.nn.Parameter(torch.cat([a.detach().flatten(), b.detach().flatten()]))
+    flat.grad = torch.ones(7)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(ValueError, match="a tensor of shape \\(7,\\) that it was not built with") as caught:
+        opt.step()
+    assert "DeepSpeed ZeRO stages 0-2" in str(caught.value) and torch.equal(flat.detach(), torch.ones(7))
+    # Parameters added through add_param_group are its own.
+    c = torch.nn.Parameter(torch.ones(4))
+    opt.param_groups[0]["params"] = [a, b]
+    opt.add_param_group({"params": [c]})
+    for p in (a, b, c):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert (c.detach() < 1).all()
