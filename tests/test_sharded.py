@@ -12,6 +12,7 @@ each with every execution, the non-finite and resume cases, and the ZeRO-3 refus
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,3 +87,22 @@ def test_deepspeed_zero3_is_refused_by_name(results: dict) -> None:
         message = results[f"refusal-zero3-rank{rank}"]
         assert "SoftAdam cannot run under DeepSpeed ZeRO stage 3" in message
         assert "use ZeRO stage 1 or 2" in message and "FSDP2" in message
+
+
+def test_step_benchmark_under_each_engine_reports_softadam_against_adamw(tmp_path: Path) -> None:
+    record_path = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(REPO / "scripts" / "bench_distributed.py"), "--width", "16", "--layers", "1", "--rounds", "2",
+         "--steps-per-round", "1", "--warmup", "1", "--json", str(record_path)],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| engine | AdamW step (ms) | AdamW fused (ms) | SoftAdam step (ms) | SoftAdam / AdamW |" in result.stdout
+    record = json.loads(record_path.read_text())
+    assert list(record["engines"]) == ["ddp", "fsdp2", "fsdp1", "fsdp1-orig", "zero1", "zero2"]
+    for row in record["engines"].values():
+        assert len(row["per_round_ms"]["softadam"]) == 2
+        assert row["softadam_over_adamw"] == row["median_ms"]["softadam"] / row["median_ms"]["adamw"]
+        assert row["softadam_over_adamw_fused"] == row["median_ms"]["softadam"] / row["median_ms"]["adamw-fused"]
