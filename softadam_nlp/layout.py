@@ -239,8 +239,9 @@ class GroupLayout:
     of a stepped tensor (a whole local tensor is one entry).
     """
 
-    def __init__(self, layouts: Sequence[TensorLayout], stepped: Sequence[int]) -> None:
+    def __init__(self, layouts: Sequence[TensorLayout], stepped: Sequence[int], device: torch.device) -> None:
         self.layouts = list(layouts)
+        self.device = device  # of the reduction vectors: a rank with nothing to step still takes part
         self.stepped = list(stepped)
         self.exact_local = all(not layout.groups and layout.pieces is None for layout in self.layouts)
         # Entries: (position of the tensor among the stepped ones, piece or None, slot).
@@ -262,15 +263,13 @@ class GroupLayout:
                 size = self.domains.get(layout.groups, 0)
                 offsets[index] = (layout.groups, size)
                 self.domains[layout.groups] = size + layout.slots
-        self.entry_positions: list[Optional[tuple[tuple[Any, ...], int]]] = []
-        for k, _, slot in self.entries:
+        # Per domain: which entries go into its vector, and at which slots.
+        self.members: dict[tuple[Any, ...], tuple[list[int], list[int]]] = {groups: ([], []) for groups in self.domains}
+        for i, (k, _, slot) in enumerate(self.entries):
             place = offsets.get(self.stepped[k])
-            self.entry_positions.append(None if place is None else (place[0], place[1] + slot))
-
-    @property
-    def multi_piece(self) -> list[bool]:
-        """Per stepped tensor: whether it holds several pieces (its step and mean state are vectors)."""
-        return [self.layouts[index].pieces is not None for index in self.stepped]
+            if place is not None:
+                self.members[place[0]][0].append(i)
+                self.members[place[0]][1].append(place[1] + slot)
 
     def views(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Per-entry views of per-stepped-tensor ``tensors`` (parameters, gradients, moments)."""
@@ -289,20 +288,20 @@ class GroupLayout:
         """
         if not self.domains:
             return local_sums, []
-        device = local_sums.device if local_sums.numel() else torch.device("cpu")
+        local_sums = local_sums.to(self.device)
         whole = local_sums.clone()
         vectors = []
         for groups, size in self.domains.items():
-            members = [i for i, place in enumerate(self.entry_positions) if place is not None and place[0] == groups]
-            slots = torch.tensor([self.entry_positions[i][1] for i in members], dtype=torch.long, device=device)
-            index = torch.tensor(members, dtype=torch.long, device=device)
-            vector = torch.zeros(size, dtype=torch.float64, device=device)
+            members, slots = self.members[groups]
+            vector = torch.zeros(size, dtype=torch.float64, device=self.device)
             if members:
-                vector.index_add_(0, slots, local_sums.index_select(0, index))
+                index = torch.tensor(members, dtype=torch.long, device=self.device)
+                slot_index = torch.tensor(slots, dtype=torch.long, device=self.device)
+                vector.index_add_(0, slot_index, local_sums.index_select(0, index))
             for group in groups:
                 dist.all_reduce(vector, group=group)
             if members:
-                whole.index_copy_(0, index, vector.index_select(0, slots))
+                whole.index_copy_(0, index, vector.index_select(0, slot_index))
             vectors.append(vector)
         return whole, vectors
 

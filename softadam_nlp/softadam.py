@@ -31,7 +31,7 @@ from torch.optim.optimizer import (
 )
 
 from softadam_nlp._fused import fused_cpu_kernel, fused_cpu_unavailable_reason
-from softadam_nlp.layout import _PLAIN_TYPES, GroupLayout, TensorLayout, tensor_layout
+from softadam_nlp.layout import _PLAIN_TYPES, GroupLayout, TensorLayout, local, tensor_layout
 
 __all__ = ["SoftAdam", "softadam"]
 
@@ -119,16 +119,21 @@ class SoftAdam(Optimizer):
     float32 and do the update arithmetic in float32, rounding into the parameter
     once per step.
 
-    Parameters may be FSDP2's sharded DTensors: every execution takes
-    :math:`\bar v_t` over the whole tensor, not the local shard (the fused one by
-    all-reducing the per-tensor sums of squared gradients over the shards).
+    Sharded and flattened parameters are stepped exactly: FSDP2's DTensors, FSDP1's
+    FlatParameters and ``use_orig_params`` views, and DeepSpeed ZeRO-1/2's flat
+    partitions. Every execution takes :math:`\bar v_t` over each whole original
+    tensor, from the per-tensor sums of squared gradients all-reduced over the shards
+    (``softadam_nlp/layout.py`` maps each local piece to its original tensor). What
+    cannot be mapped back, such as DeepSpeed ZeRO-3 or another wrapper's flat copies,
+    is refused at the first step with a ValueError naming it.
 
-    The fused execution computes :math:`\bar v_t` without a pass over :math:`v_t`,
-    from :math:`\bar v_t = \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t})
-    \operatorname{mean}(g_t^2)`, keeping :math:`\bar v` per parameter in float64
-    (state ``exp_avg_sq_mean``); it agrees with the reference executions to float
-    rounding. The state is dropped whenever another execution (or ``eta=0``) updates
-    :math:`v` and rebuilt from :math:`v` when the fused execution next needs it.
+    The fused execution (and every execution on sharded parameters) computes
+    :math:`\bar v_t` without a pass over :math:`v_t`, from :math:`\bar v_t =
+    \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t}) \operatorname{mean}(g_t^2)`,
+    keeping :math:`\bar v` in float64 (state ``exp_avg_sq_mean``); it agrees with
+    :math:`\operatorname{mean}(v_t)` to float rounding. On whole tensors the state is
+    dropped whenever another execution updates :math:`v`, and rebuilt from :math:`v`
+    when the fused execution next needs it.
     """
 
     def __init__(
@@ -163,7 +168,8 @@ class SoftAdam(Optimizer):
             differentiable=False,
         )
         self._built_with: list[list[Tensor]] = []  # each group's tensors as added (layout.py)
-        self._layouts: dict[int, tuple[list[Tensor], list[TensorLayout]]] = {}  # per group, from its first step
+        # Per group, from its first step: its tensors, their layouts, a GroupLayout per set stepped.
+        self._layouts: dict[int, tuple[list[Tensor], list[TensorLayout], dict[tuple[int, ...], GroupLayout]]] = {}
         self._group_index: dict[int, int] = {}  # id(group dict) -> its position when added
         super().__init__(params, defaults)
         self.skipped_steps = 0  # steps refused by nonfinite="skip"
@@ -276,11 +282,17 @@ class SoftAdam(Optimizer):
             ]
             if torch.compiler.is_compiling() and any(layout.engine != "plain" for layout in layouts):
                 raise RuntimeError("torch.compile of a SoftAdam step supports plain (unsharded) parameters only")
-            cached = (list(params), layouts)
+            cached = (list(params), layouts, {})
             if not torch.compiler.is_compiling():
                 self._layouts[index] = cached
+        # Which tensors have a gradient rarely changes: one GroupLayout per such set.
+        group_layouts = cached[2]
+        layout = group_layouts.get(tuple(stepped))
+        if layout is None:
+            device = local(params[0]).device if params else torch.device("cpu")
+            layout = group_layouts[tuple(stepped)] = GroupLayout(cached[1], stepped, device)
         stepped_params = [params[i] for i in stepped]
-        return _StepPlan(stepped_params, [p.grad for p in stepped_params], GroupLayout(cached[1], stepped))
+        return _StepPlan(stepped_params, [p.grad for p in stepped_params], layout)
 
     def _state_of(self, plan: _StepPlan) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Per stepped tensor: exp_avg, exp_avg_sq and the step counter, created on first use."""
