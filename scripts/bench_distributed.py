@@ -116,6 +116,33 @@ def time_rounds(engine: str, width: int, layers: int, rounds: int, steps: int, w
     return per_round, runs["adamw"][2]
 
 
+def profile_softadam(engine: str, args: argparse.Namespace) -> None:
+    """cProfile of SoftAdam's steps (rank 0), per step: the functions that take the most time."""
+    import cProfile
+    import pstats
+
+    backward, step, _ = wrapped(engine, "softadam", args.width, args.layers)
+    x = torch.randn(8, 16, args.width, generator=torch.Generator().manual_seed(dist.get_rank()))
+    for _ in range(args.warmup):
+        backward(x)
+        step()
+    profiler = cProfile.Profile()
+    steps = args.rounds * args.steps_per_round
+    for _ in range(steps):
+        backward(x)
+        dist.barrier()
+        profiler.enable()
+        step()
+        profiler.disable()
+    if dist.get_rank() == 0:
+        stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, ..., total, cumulative, ...)
+        rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:8]
+        print(f"  {engine}, SoftAdam, ms per step by own time (cProfile, rank 0, {steps} steps):")
+        for (file, line, name), (_, calls, own, cumulative, _) in rows:
+            print(f"    {1e3 * own / steps:7.2f} own {1e3 * cumulative / steps:7.2f} cumulative  "
+                  f"{calls // steps:5d} calls  {Path(file).name}:{line}({name})")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
@@ -125,6 +152,8 @@ def main() -> int:
     p.add_argument("--steps-per-round", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="write the record here")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile SoftAdam's steps (cProfile, rank 0) under each engine and print where time goes")
     args = p.parse_args()
     if min(args.width, args.layers, args.rounds, args.steps_per_round) < 1 or args.width % 4:
         p.error("--width (a multiple of 4), --layers, --rounds and --steps-per-round must be >= 1")
@@ -145,6 +174,8 @@ def main() -> int:
                                      "softadam_over_adamw_fused": medians["softadam"] / medians["adamw-fused"]}
         if rank == 0:
             print(f"{engine}: " + ", ".join(f"{name} {value:.2f} ms" for name, value in medians.items()), flush=True)
+        if args.profile:
+            profile_softadam(engine, args)
     if rank == 0:
         print("\n| engine | AdamW step (ms) | AdamW fused (ms) | SoftAdam step (ms) | SoftAdam / AdamW | "
               "SoftAdam / AdamW fused |\n|---|---|---|---|---|---|")
