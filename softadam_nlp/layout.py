@@ -122,6 +122,15 @@ def tensor_layout(param: Tensor, name: str, built_with: Sequence[Tensor], built_
         return _flat_param_layout(param, _fsdp1_handle(flat_param=param))
     if getattr(param, "_fsdp_flattened", False):
         return _fsdp1_view_layout(param, name)
+    if type(param).__name__ == "FlatParameter":
+        # fairscale's FSDP (and its FlattenParamsWrapper) build the optimizer over their own
+        # FlatParameters, which carry none of the layout torch's FSDP1 records.
+        raise UnsupportedLayoutError(
+            f"SoftAdam was built with a FlatParameter of shape {tuple(param.shape)} from "
+            f"{type(param).__module__} (fairscale's FSDP or a flattening wrapper): it concatenates "
+            "whole parameter tensors, and SoftAdam's mean of v over each tensor would silently become a "
+            f"mean over the flat buffer. {SUPPORTED}."
+        )
     if any(p is param for p in built_with):
         return TensorLayout("plain", (name,), (tuple(param.shape),), (param.numel(),))
     return _partition_layout(param, built_with, built_names)

@@ -351,3 +351,17 @@ def test_tensors_it_was_not_built_with_are_refused() -> None:
         p.grad = torch.ones_like(p)
     opt.step()
     assert (c.detach() < 1).all()
+
+
+def test_a_flattening_wrappers_flat_parameter_is_refused() -> None:
+    # fairscale's FSDP builds the optimizer over its own FlatParameter class (the real one
+    # needs fairscale, which is not installed): a parameter of that class name that is not
+    # torch's FSDP1 FlatParameter is refused by name at the first step.
+    class FlatParameter(torch.nn.Parameter):
+        pass
+
+    flat = FlatParameter(torch.ones(7))
+    flat.grad = torch.ones(7)
+    with pytest.raises(ValueError, match="fairscale's FSDP or a flattening wrapper") as caught:
+        SoftAdam([flat], lr=0.1).step()
+    assert "mean over the flat buffer" in str(caught.value) and torch.equal(flat.detach(), torch.ones(7))
