@@ -325,6 +325,15 @@ class SoftAdam(Optimizer):
         for k, _, _ in layout.entries:
             pieces_per_tensor[k] += 1
         missing = [k for k, p in enumerate(plan.params) if "exp_avg_sq_mean" not in self.state[p]]
+        if missing and all(self.state[plan.params[k]]["step"] == 0 for k in missing):
+            # New state: v is zero, and so is its mean. No all-reduce, which matters where a
+            # rank holds no piece of any tensor of a group and so would not take part in it.
+            for k in missing:
+                multi = layout.layouts[layout.stepped[k]].pieces is not None
+                size = pieces_per_tensor[k]
+                self.state[plan.params[k]]["exp_avg_sq_mean"] = torch.zeros(
+                    size if multi else (), dtype=torch.float64, device=local(plan.params[k]).device)
+            missing = []
         if missing:
             # mean(v) over each whole original tensor: summed over the local pieces and, for
             # sharded tensors, across ranks. A layout that needs ranks to add up does this on

@@ -47,11 +47,16 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]
 
 
-def param_groups(model: torch.nn.Module, grouped: bool) -> list[dict]:
-    """One group, or two (weight decay and a lower rate on the matrices, none elsewhere)."""
+def param_groups(model: torch.nn.Module, grouped: bool | str) -> list[dict]:
+    """One group, or two (weight decay and a lower rate on the matrices, none elsewhere), or
+    with ``"tail"`` the last three tensors (3.bias and the layer norm, 21 elements, all in the
+    second half of a flattened model) in a group of their own."""
     named = list(model.named_parameters())
     if not grouped:
         return [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
+    if grouped == "tail":
+        return [{"params": [p for _, p in named[:-3]], "param_names": [n for n, _ in named[:-3]]},
+                {"params": [p for _, p in named[-3:]], "param_names": [n for n, _ in named[-3:]], "lr": LR / 2}]
     decay = [(n, p) for n, p in named if p.dim() > 1]
     rest = [(n, p) for n, p in named if p.dim() <= 1]
     return [{"params": [p for _, p in decay], "param_names": [n for n, _ in decay], "weight_decay": 0.1, "lr": LR / 2},
@@ -67,7 +72,7 @@ def share(tensor: torch.Tensor, rank: int) -> torch.Tensor:
     return tensor[rank * half:(rank + 1) * half]
 
 
-def reference(execution: dict, grouped: bool = False, clip: float | None = None) -> list[dict[str, torch.Tensor]]:
+def reference(execution: dict, grouped: bool | str = False, clip: float | None = None) -> list[dict[str, torch.Tensor]]:
     """One process, no wrapper, the combined batch."""
     model = build_model()
     optimizer = SoftAdam(param_groups(model, grouped), lr=LR, **execution)
@@ -313,6 +318,13 @@ def main(out: Path) -> None:
             optimizer = SoftAdam(model.parameters(), lr=LR, **execution)
             results[f"{fsdp1_case(*setting)}-{name}"] = relative_error(train_fsdp1(model, optimizer, rank),
                                                                        references[name])
+    # Two param groups over use_orig_params views, the second all in rank 1's shard: rank 0
+    # steps nothing of it, and must still take part in its all-reduce.
+    for name, execution in EXECUTIONS.items():
+        model = fsdp1_model("FULL_SHARD", True, per_module=False)
+        optimizer = SoftAdam(param_groups(model, grouped="tail"), lr=LR, **execution)
+        results[f"fsdp1-two-groups-{name}"] = relative_error(train_fsdp1(model, optimizer, rank),
+                                                             reference(execution, grouped="tail"))
 
     with quiet_deepspeed():
         for setting in DEEPSPEED_SETTINGS:

@@ -56,6 +56,12 @@ def test_fsdp1_matches_one_process_in_every_execution(results: dict, setting: tu
         assert error <= RTOL, f"{execution}: relative error {error:.2e}"
 
 
+def test_fsdp1_two_param_groups_where_one_rank_holds_nothing_of_one(results: dict) -> None:
+    for execution in EXECUTIONS:
+        error = results[f"fsdp1-two-groups-{execution}"]
+        assert error <= RTOL, f"{execution}: relative error {error:.2e}"
+
+
 @pytest.mark.parametrize("setting", DEEPSPEED_SETTINGS, ids=[deepspeed_case(*s) for s in DEEPSPEED_SETTINGS])
 def test_deepspeed_zero_matches_one_process_in_every_execution(results: dict, setting: tuple) -> None:
     for execution in EXECUTIONS:
