@@ -27,6 +27,7 @@ from torch.optim.optimizer import (
     _default_to_fused_or_foreach,
     _get_scalar_dtype,
     _get_value,
+    _to_scalar,
     _use_grad_for_differentiable,
 )
 
@@ -92,7 +93,9 @@ class SoftAdam(Optimizer):
 
     Args:
         params: iterable of parameters or parameter groups (dicts).
-        lr: learning rate :math:`\alpha` (default: 0.1, an SGD-like scale).
+        lr: learning rate :math:`\alpha` (default: 0.1, an SGD-like scale): a float, or a
+            one-element tensor, read at every step (under ``torch.compile`` a tensor lr
+            lets a schedule change it in place without recompiling the step).
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default: (0.9, 0.999)).
         eps: :math:`\epsilon`; its square is added to :math:`\bar v_t` (default: 1e-8).
         eta: :math:`\eta \ge 0`, the SGD (0) to Adam (large) blend (default: 1.0).
@@ -114,6 +117,9 @@ class SoftAdam(Optimizer):
             ``skipped_steps``. Either way no parameter or state changes, in any group:
             every gradient is checked before anything is written. Loss scalers
             (``torch.amp.GradScaler``) skip such steps before calling ``step``.
+
+    A param group's tensors must be on one device (give each device a group of its own).
+    Meta tensors step as in torch's optimizers: their state is made, nothing is read.
 
     Parameters in bfloat16 or float16 keep ``exp_avg`` and ``exp_avg_sq`` in
     float32 and do the update arithmetic in float32, rounding into the parameter
@@ -139,7 +145,7 @@ class SoftAdam(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 0.1,
+        lr: Union[float, Tensor] = 0.1,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         eta: float = 1.0,
@@ -154,7 +160,7 @@ class SoftAdam(Optimizer):
         _check_hyperparameters(lr=lr, betas=betas, eps=eps, eta=eta, weight_decay=weight_decay)
         _check_nonfinite(nonfinite)
         defaults = dict(
-            lr=lr,
+            lr=_to_scalar(lr),
             betas=tuple(betas),
             eps=eps,
             eta=eta,
@@ -184,6 +190,7 @@ class SoftAdam(Optimizer):
         # defaults, so a bad per-group value fails here rather than mid-training.
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        group["lr"] = _to_scalar(group["lr"])  # a 1-element Tensor lr is kept as a 0-dim tensor
         _check_hyperparameters(
             lr=group["lr"],
             betas=group["betas"],
@@ -216,6 +223,19 @@ class SoftAdam(Optimizer):
         self.__dict__.setdefault("_layouts", {})
         # Also called by load_state_dict, which makes new group dicts.
         self._group_index = {id(group): i for i, group in enumerate(self.param_groups)}
+        # The step counter is a CPU tensor, as _state_of makes it: older checkpoints and other
+        # tools store a Python number, and torch's load_state_dict moves it to the parameter's
+        # device for groups with fused=True.
+        for param_state in self.state.values():
+            step = param_state.get("step")
+            if step is not None and not (isinstance(step, Tensor) and step.device.type == "cpu"
+                                         and step.dtype == _get_scalar_dtype()):
+                param_state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles (and deep-copies) defaults, state and param_groups only;
+        # the count of skipped steps is part of the optimizer's public record too.
+        return {**super().__getstate__(), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, keeping float32 moments for low-precision parameters.
@@ -271,6 +291,7 @@ class SoftAdam(Optimizer):
             )
         cached = self._layouts.get(index)
         if cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params)):
+            _check_one_device(params, index)
             built_with = self._built_with[index] if index < len(self._built_with) else params
             names = group.get("param_names")
             built_names = [f"'{names[i]}'" if names and len(names) == len(built_with) else f"{i} of param group {index}"
@@ -413,7 +434,9 @@ class SoftAdam(Optimizer):
         """True when every sum of squared gradients is finite. Otherwise False, to skip the
         step, when every group with a non-finite gradient has ``nonfinite="skip"``; and a
         ValueError naming the first such parameter when one has ``nonfinite="raise"``."""
-        flags = [torch.isfinite(sums).all() for sums, vectors in grad_sq_sums for sums in (sums, *vectors)]
+        # Meta tensors (shapes without values, for tracing and initialisation) have nothing to check.
+        flags = [torch.isfinite(sums).all() for sums, vectors in grad_sq_sums for sums in (sums, *vectors)
+                 if sums.device.type != "meta"]
         if not flags or bool(torch.stack([f.cpu() for f in flags]).all()):
             return True
         first = None
@@ -442,9 +465,18 @@ class _StepPlan(NamedTuple):
 
 
 def _check_hyperparameters(
-    *, lr: float, betas: Any, eps: float, eta: float, weight_decay: float
+    *, lr: Union[float, Tensor], betas: Any, eps: float, eta: float, weight_decay: float
 ) -> None:
     """Raise ValueError("Invalid NAME=VALUE: ...") for the first unusable hyperparameter."""
+    if isinstance(lr, Tensor):
+        # As torch's optimizers take it: one element, read at every step (so that an lr
+        # scheduler or a compiled step may change it in place).
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr={lr}: a Tensor lr must have exactly one element, it has {lr.numel()}")
+        if lr.is_complex() or not lr.is_floating_point():
+            raise ValueError(f"Invalid lr={lr}: a Tensor lr must be a real floating-point tensor")
+        if lr.device.type == "meta":
+            return  # no value to check
     if not 0.0 <= lr:
         raise ValueError(f"Invalid lr={lr}: the learning rate must be >= 0")
     if not 0.0 <= eps:
@@ -468,6 +500,19 @@ def _check_nonfinite(nonfinite: Any) -> None:
         raise ValueError(f"Invalid nonfinite={nonfinite!r}: must be 'raise' or 'skip'")
 
 
+def _check_one_device(params: list[Tensor], index: int) -> None:
+    """Raise ValueError unless every tensor of param group ``index`` is on one device.
+
+    A group's means of v and its sums of squared gradients are reduced in one vector on
+    one device, so a group cannot span devices; groups may each have their own."""
+    devices = sorted({str(local(p).device) for p in params})
+    if len(devices) > 1:
+        raise ValueError(
+            f"SoftAdam: param group {index} holds parameters on more than one device ({', '.join(devices)}); "
+            "put the parameters of each device in a param group of their own"
+        )
+
+
 def _kernel_can_update(tensor: Tensor) -> bool:
     """Whether the fused CPU kernel can read and update ``tensor`` in place: a plain
     contiguous CPU tensor (the local pieces of sharded parameters are, layout.py)."""
@@ -485,7 +530,8 @@ def _sums(tensors: list[Tensor], square: bool = False) -> Tensor:
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    if square and all(_kernel_can_update(t) for t in tensors) and fused_cpu_kernel() is not None:
+    if (square and not torch.compiler.is_compiling() and all(_kernel_can_update(t) for t in tensors)
+            and fused_cpu_kernel() is not None):
         return fused_cpu_kernel().grad_sq_sums(tensors)
     # float32 accumulation (float64 for float64 tensors), whatever the tensors' dtype
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -538,7 +584,7 @@ def softadam(
     numels: Optional[list[int]] = None,
     foreach: Optional[bool] = None,
     fused: Optional[bool] = None,
-    lr: float,
+    lr: Union[float, Tensor],
     beta1: float,
     beta2: float,
     eps: float,
@@ -569,7 +615,15 @@ def softadam(
     ``fused=True`` runs the fused CPU kernel (or, for parameters on another device, the
     ``torch.compile``-d execution) and needs ``exp_avg_sq_means``. ``fused=None`` means
     False in this functional form; :class:`SoftAdam` picks.
+
+    ``lr`` may be a one-element tensor. In eager mode its value is read once per call (for
+    an lr on an accelerator, one device synchronisation); under ``torch.compile`` it enters
+    the graph as a tensor, so changing it does not recompile.
     """
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"a Tensor lr must have exactly one element, got {lr.numel()}")
+        lr = _to_scalar(lr) if torch.compiler.is_compiling() else lr.item()
     if fused:
         if foreach:
             raise ValueError("fused=True and foreach=True cannot both be set: pick one execution")
@@ -663,12 +717,18 @@ def _single_tensor_softadam(
         numerator = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1) if nesterov else exp_avg
         if eta == 0:
             # d == 1 exactly: plain SGD with momentum, bit for bit.
-            work.add_(numerator, alpha=-lr)
+            if isinstance(lr, Tensor):  # torch.compile with a tensor lr
+                work.sub_(numerator * lr)
+            else:
+                work.add_(numerator, alpha=-lr)
         else:
             mean = exp_avg_sq.mean() if exp_avg_sq_means is None else exp_avg_sq_means[i]
             inv_rms = torch.rsqrt(mean + _eps_squared(eps, exp_avg_sq.dtype)).to(exp_avg_sq.dtype)
             denom = exp_avg_sq.sqrt().mul_(denom_scale * inv_rms).add_(denom_offset)
-            work.addcdiv_(numerator, denom, value=-lr * (1 + eta))
+            if isinstance(lr, Tensor):
+                work.sub_(numerator / denom * (lr * (1 + eta)))
+            else:
+                work.addcdiv_(numerator, denom, value=-lr * (1 + eta))
         if work is not param:
             param.copy_(work)
 
@@ -743,7 +803,10 @@ def _multi_tensor_softadam(
             numerators = device_exp_avgs
         if eta == 0:
             # d == 1 exactly: plain SGD with momentum, bit for bit.
-            torch._foreach_add_(work, numerators, alpha=-lr)
+            if isinstance(lr, Tensor):  # torch.compile with a tensor lr
+                torch._foreach_sub_(work, torch._foreach_mul(numerators, lr))
+            else:
+                torch._foreach_add_(work, numerators, alpha=-lr)
         else:
             if exp_avg_sq_means is None:
                 # Per-tensor mean of v: v >= 0, so its L1 norm is its sum.
@@ -756,7 +819,12 @@ def _multi_tensor_softadam(
             denoms = torch._foreach_sqrt(device_exp_avg_sqs)
             torch._foreach_mul_(denoms, inv_rms)
             torch._foreach_add_(denoms, denom_offset)
-            torch._foreach_addcdiv_(work, numerators, denoms, -lr * (1 + eta))
+            if isinstance(lr, Tensor):
+                updates = torch._foreach_div(numerators, denoms)
+                torch._foreach_mul_(updates, lr * (1 + eta))
+                torch._foreach_sub_(work, updates)
+            else:
+                torch._foreach_addcdiv_(work, numerators, denoms, -lr * (1 + eta))
         if work is not device_params:
             torch._foreach_copy_(device_params, work)
 
