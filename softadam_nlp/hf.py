@@ -9,19 +9,25 @@ or, letting Trainer build the parameter groups and the schedule itself,
                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args, eta=1.0))
 
 Schedules come from transformers' own ``get_scheduler`` (every ``SchedulerType``
-name: linear, cosine, constant, polynomial, inverse_sqrt, ...), plus ``"step"``, the
-paper's schedule (x0.1 at 50% and 75% of training). Warmup is read from
-``args.warmup_steps`` (steps if >= 1, a ratio of training if < 1); its default, 0,
+name: linear, cosine, constant, polynomial, inverse_sqrt, reduce_lr_on_plateau, ...),
+plus ``"step"``, the paper's schedule (x0.1 at 50% and 75% of training). Warmup is read
+from ``args.warmup_steps`` (steps if >= 1, a ratio of training if < 1); its default, 0,
 is how the paper trains SoftAdam.
+
+When ``args`` do not fix the number of training steps (the default: ``num_train_epochs``
+sets it, through the data loader), a schedule that needs it is built at the first
+optimizer step, with the length of the Trainer that holds it
+(:class:`ScheduleAtFirstStep`).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
@@ -29,11 +35,17 @@ from transformers import Trainer, TrainingArguments
 from transformers.optimization import get_scheduler
 from transformers.trainer_utils import SchedulerType
 
-from softadam_nlp.eta_schedule import TOOLKIT_ETA_SCHEDULES as HF_ETA_SCHEDULES, EtaScheduler, WithEtaSchedule
+from softadam_nlp.eta_schedule import (
+    TOOLKIT_ETA_SCHEDULES as HF_ETA_SCHEDULES,
+    EtaScheduler,
+    WithEtaSchedule,
+    check_eta_schedule,
+)
 from softadam_nlp.softadam import SoftAdam
 
 __all__ = [
     "OPTIMIZER_NAMES",
+    "ScheduleAtFirstStep",
     "build_optimizers",
     "create_optimizer",
     "create_optimizer_and_scheduler",
@@ -52,13 +64,13 @@ __all__ = [
 
 STEP_SCHEDULE = "step"
 SCHEDULE_NAMES = tuple(t.value for t in SchedulerType) + (STEP_SCHEDULE,)
-# Schedules that can be built without knowing the number of training steps.
-_NO_LENGTH_NEEDED = {
-    SchedulerType.CONSTANT.value,
-    SchedulerType.CONSTANT_WITH_WARMUP.value,
-    SchedulerType.INVERSE_SQRT.value,
-    SchedulerType.REDUCE_ON_PLATEAU.value,
-}
+# Schedules that Trainer steps on an evaluation metric (in Trainer.evaluate), not after
+# every optimizer step. Names as strings: "greedy" is new in transformers 5.
+METRIC_DRIVEN_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
+# Schedules that can be built without knowing the number of training steps (a warmup
+# given as a ratio of training aside).
+_NO_LENGTH_NEEDED = {"constant", "constant_with_warmup", "inverse_sqrt", *METRIC_DRIVEN_SCHEDULES}
+_WITH_WARMUP = {"constant_with_warmup", "inverse_sqrt"}
 
 
 def softadam_kwargs_from_args(args: TrainingArguments, **overrides: Any) -> dict[str, Any]:
@@ -169,31 +181,115 @@ def _resolve_training_steps(args: TrainingArguments, num_training_steps: Optiona
     return None
 
 
-def create_scheduler(
-    optimizer: torch.optim.Optimizer,
-    args: TrainingArguments,
-    num_training_steps: Optional[int] = None,
-    lr_scheduler_type: Optional[str] = None,
-) -> LRScheduler:
-    """The learning-rate schedule ``args`` asks for (or ``lr_scheduler_type``).
+def _needs_length(name: str, args: TrainingArguments) -> bool:
+    return name not in _NO_LENGTH_NEEDED or (name in _WITH_WARMUP and 0 < args.warmup_steps < 1)
 
-    The number of optimizer steps comes from ``num_training_steps``, else
-    ``args.max_steps``. When training length is set by epochs, it is only known from
-    the data loader: pass ``num_training_steps = ceil(len(train_dataloader) /
-    gradient_accumulation_steps) * num_train_epochs``, or set ``max_steps``.
+
+_LENGTH_UNKNOWN = (
+    "the training length is not known: args do not fix it (max_steps is not set) and no Trainer holds this "
+    "schedule. Pass num_training_steps=ceil(len(train_dataloader) / gradient_accumulation_steps) * "
+    "num_train_epochs, or set max_steps in TrainingArguments, or hand the schedule to Trainer(optimizers=...), "
+    "which knows the length once it has the data loader."
+)
+
+
+def _trainer_training_length(schedule: Any) -> int:
+    """``state.max_steps`` of the Trainer whose ``lr_scheduler`` is ``schedule``.
+
+    Trainer fixes the number of optimizer steps when training starts and hands it to
+    nothing it was given; this finds it the one time it is needed, at the first optimizer
+    step, among the live Trainer objects (``Trainer.lr_scheduler`` and
+    ``Trainer.state.max_steps`` are public attributes)."""
+    for obj in gc.get_objects():
+        # type(), not isinstance(): some objects warn when their __class__ is read
+        if issubclass(type(obj), Trainer) and obj.lr_scheduler is schedule and obj.state.max_steps > 0:
+            return int(obj.state.max_steps)
+    raise ValueError(_LENGTH_UNKNOWN)
+
+
+class ScheduleAtFirstStep(LRScheduler):
+    """A learning-rate (and eta) schedule built at the first optimizer step, when the
+    number of training steps is known.
+
+    ``create_scheduler`` and ``create_optimizer_and_scheduler`` return one when ``args``
+    leave the length to the data loader (``num_train_epochs``, the default), so that
+    ``Trainer(optimizers=create_optimizer_and_scheduler(model, args))`` runs unchanged:
+    at the first ``optimizer.step()`` (a step pre-hook), ``build(num_training_steps)``
+    makes the schedule, with the length of the Trainer that holds this object. Until then
+    the learning rate is ``args.learning_rate``; every step the schedule takes is the
+    built schedule's. Its ``state_dict`` keeps the length, so a resumed run rebuilds the
+    same schedule before its first step. Outside Trainer, the first step raises a
+    ValueError saying how to give the length.
     """
-    name = lr_scheduler_type or getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    if name not in SCHEDULE_NAMES:
-        raise ValueError(f"unknown lr_scheduler_type {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
-    total = _resolve_training_steps(args, num_training_steps)
-    if total is None and name not in _NO_LENGTH_NEEDED:
-        raise ValueError(
-            f"the {name!r} schedule needs the number of training steps, which args do not fix "
-            "(max_steps is not set). Pass num_training_steps=ceil(len(train_dataloader) / "
-            "gradient_accumulation_steps) * num_train_epochs, or set max_steps in "
-            "TrainingArguments, or give Trainer optimizers=(create_optimizer(model, args), None) "
-            "so that Trainer builds a transformers schedule itself once it knows the length."
-        )
+
+    def __init__(self, optimizer: torch.optim.Optimizer, build: Callable[[int], LRScheduler]) -> None:
+        # Not LRScheduler.__init__: the built schedule owns the learning rate.
+        self.optimizer = optimizer
+        self.build = build
+        self.schedule: Optional[LRScheduler] = None
+        self.num_training_steps: Optional[int] = None
+        self._hook = optimizer.register_step_pre_hook(self._before_step)
+
+    def __getattr__(self, name: str) -> Any:
+        # base_lrs, lr_lambdas, get_last_eta, ...: the built schedule's. The names below are
+        # looked up before they exist while unpickling a copy.
+        if name in ("schedule", "build", "optimizer", "num_training_steps", "_hook") or self.schedule is None:
+            raise AttributeError(name)
+        return getattr(self.schedule, name)
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.schedule is None:
+            self._build(_trainer_training_length(self))
+            # torch's schedulers count the optimizer's steps through a wrapper that the one just
+            # built installed during this step; tell it this step happened (no false warning
+            # that the schedule stepped first).
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
+
+    def _build(self, num_training_steps: int) -> None:
+        self.schedule = self.build(num_training_steps)
+        self.num_training_steps = num_training_steps
+        self._hook.remove()
+
+    def step(self, epoch: Optional[int] = None) -> None:  # type: ignore[override]
+        if self.schedule is None:
+            self._build(_trainer_training_length(self))
+        self.schedule.step()  # type: ignore[union-attr]
+
+    def get_last_lr(self) -> list[float]:  # type: ignore[override]
+        if self.schedule is None:
+            return [group["lr"] for group in self.optimizer.param_groups]
+        return self.schedule.get_last_lr()
+
+    @property
+    def last_epoch(self) -> int:  # type: ignore[override]
+        return -1 if self.schedule is None else self.schedule.last_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_training_steps": self.num_training_steps,
+                "schedule": None if self.schedule is None else self.schedule.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["num_training_steps"] is None:
+            return  # saved before the first step: nothing was built yet
+        if self.schedule is None:
+            # Building sets the lr (and eta) of a first step; the optimizer's loaded state
+            # holds the resumed step's, as torch's schedulers leave them on resumption.
+            groups = self.optimizer.param_groups
+            resumed = [{k: group[k] for k in ("lr", "eta") if k in group} for group in groups]
+            self._build(state_dict["num_training_steps"])
+            self.schedule.load_state_dict(state_dict["schedule"])  # type: ignore[union-attr]
+            for group, values in zip(groups, resumed):
+                group.update(values)
+        elif state_dict["num_training_steps"] != self.num_training_steps:
+            raise ValueError(f"the saved schedule is {state_dict['num_training_steps']} steps long, this one "
+                             f"{self.num_training_steps}")
+        else:
+            self.schedule.load_state_dict(state_dict["schedule"])
+
+
+def _schedule(optimizer: torch.optim.Optimizer, args: TrainingArguments, name: str,
+              total: Optional[int]) -> LRScheduler:
+    """The ``name`` schedule over ``total`` steps (None: a schedule that needs no length)."""
     warmup = args.get_warmup_steps(total or 0)
     if name == STEP_SCHEDULE:
         return get_step_schedule_with_warmup(optimizer, warmup, total, **(args.lr_scheduler_kwargs or {}))
@@ -204,6 +300,40 @@ def create_scheduler(
         num_training_steps=total,
         scheduler_specific_kwargs=args.lr_scheduler_kwargs,
     )
+
+
+def _schedule_name(args: TrainingArguments, lr_scheduler_type: Optional[str]) -> str:
+    name = lr_scheduler_type or getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if name not in SCHEDULE_NAMES:
+        raise ValueError(f"unknown lr_scheduler_type {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    return name
+
+
+def create_scheduler(
+    optimizer: torch.optim.Optimizer,
+    args: TrainingArguments,
+    num_training_steps: Optional[int] = None,
+    lr_scheduler_type: Optional[str] = None,
+) -> LRScheduler:
+    """The learning-rate schedule ``args`` asks for (or ``lr_scheduler_type``).
+
+    The number of optimizer steps comes from ``num_training_steps``, else
+    ``args.max_steps``, else (training length set by epochs) from the Trainer that the
+    schedule is given to: a :class:`ScheduleAtFirstStep` then builds it at the first
+    optimizer step. Schedules that need no length (constant, reduce_lr_on_plateau,
+    greedy, ...) are built at once.
+    """
+    name = _schedule_name(args, lr_scheduler_type)
+    total = _resolve_training_steps(args, num_training_steps)
+    if total is None and _needs_length(name, args):
+        return ScheduleAtFirstStep(optimizer, partial(_schedule, optimizer, args, name))
+    return _schedule(optimizer, args, name, total)
+
+
+def _with_eta_schedule(optimizer: SoftAdam, args: TrainingArguments, name: str, eta_schedule: str,
+                       eta_end: Optional[float], total: int) -> LRScheduler:
+    return WithEtaSchedule(_schedule(optimizer, args, name, total),
+                           EtaScheduler(optimizer, eta_schedule, eta_end=eta_end, total_steps=total))
 
 
 def create_optimizer_and_scheduler(
@@ -221,27 +351,38 @@ def create_optimizer_and_scheduler(
     as Trainer does), adam_beta1/2 and adam_epsilon, lr_scheduler_type (or the
     ``lr_scheduler_type`` argument, which also accepts ``"step"``), warmup_steps
     (default 0: no warmup) and max_steps. ``softadam_kwargs`` (eta, betas, eps,
-    nesterov, nonfinite, fused, foreach) override.
+    nesterov, nonfinite, fused, foreach) override. The training length is
+    ``num_training_steps``, else ``args.max_steps``, else the Trainer's, taken at the
+    first optimizer step (:class:`ScheduleAtFirstStep`).
 
     ``eta_schedule`` ("constant", "linear" or "cosine") moves eta from its value to
     ``eta_end`` over the training steps (softadam_nlp.eta_schedule). The schedule
     returned then steps, saves and restores the lr and the eta schedule together, so
-    Trainer's checkpoints resume both.
+    Trainer's checkpoints resume both. Eta schedules advance with every optimizer step,
+    so they cannot go with the schedules Trainer steps on evaluation metrics
+    (reduce_lr_on_plateau, greedy): that combination is a ValueError.
     """
     if eta_schedule not in HF_ETA_SCHEDULES:
         raise ValueError(f"unknown eta_schedule {eta_schedule!r}; choose one of {', '.join(HF_ETA_SCHEDULES)}")
-    optimizer = create_optimizer(model, args, **softadam_kwargs)
-    scheduler = create_scheduler(optimizer, args, num_training_steps, lr_scheduler_type)
+    name = _schedule_name(args, lr_scheduler_type)
     if eta_schedule == "constant":
         if eta_end is not None:
             raise ValueError("eta_end needs a linear or cosine eta_schedule")
-        return optimizer, scheduler
+        optimizer = create_optimizer(model, args, **softadam_kwargs)
+        return optimizer, create_scheduler(optimizer, args, num_training_steps, name)
+    if name in METRIC_DRIVEN_SCHEDULES:
+        raise ValueError(
+            f"eta_schedule={eta_schedule!r} cannot go with lr_scheduler_type={name!r}: Trainer steps {name} only "
+            "when it evaluates (on a metric), while an eta schedule advances with every optimizer step. Use a "
+            "constant eta with it, or an lr schedule that steps every optimizer step (linear, cosine, step, ...)."
+        )
+    optimizer = create_optimizer(model, args, **softadam_kwargs)
+    build = partial(_with_eta_schedule, optimizer, args, name, eta_schedule, eta_end)
     total = _resolve_training_steps(args, num_training_steps)
+    check_eta_schedule(eta_schedule, eta_end, total_steps=1)  # a bad eta_end fails here, not at the first step
     if total is None:
-        raise ValueError(f"the {eta_schedule} eta schedule needs the number of training steps: pass "
-                         "num_training_steps or set max_steps")
-    return optimizer, WithEtaSchedule(scheduler, EtaScheduler(optimizer, eta_schedule, eta_end=eta_end,
-                                                              total_steps=total))
+        return optimizer, ScheduleAtFirstStep(optimizer, build)
+    return optimizer, build(total)
 
 
 OPTIMIZER_NAMES = ("softadam", "adamw", "adam", "sgd")

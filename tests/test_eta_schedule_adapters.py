@@ -108,8 +108,12 @@ def test_factory_refuses_what_it_cannot_schedule(tmp_path: Path) -> None:
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[])  # no max_steps
     net = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="needs the number of training steps"):
-        create_optimizer_and_scheduler(net, args, eta_schedule="cosine", eta_end=0.0)
+    # Without a length, the schedule waits for the Trainer that knows it; outside one, the first step says so.
+    optimizer, _ = create_optimizer_and_scheduler(net, args, eta_schedule="cosine", eta_end=0.0)
+    with pytest.raises(ValueError, match="the training length is not known"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="needs eta_end >= 0"):
+        create_optimizer_and_scheduler(net, args, eta_schedule="cosine")
     with pytest.raises(ValueError, match="unknown eta_schedule 'steps'"):
         create_optimizer_and_scheduler(net, args, num_training_steps=5, eta_schedule="steps")
     with pytest.raises(ValueError, match="eta_end needs a linear or cosine eta_schedule"):

@@ -13,8 +13,10 @@ from transformers import (
 )
 
 from softadam_nlp import SoftAdam
+from softadam_nlp.eta_schedule import eta_at
 from softadam_nlp.hf import (
-    SCHEDULE_NAMES, build_optimizers, create_optimizer, create_optimizer_and_scheduler, optimizer_cls_and_kwargs,
+    METRIC_DRIVEN_SCHEDULES, SCHEDULE_NAMES, ScheduleAtFirstStep, build_optimizers, create_optimizer,
+    create_optimizer_and_scheduler, optimizer_cls_and_kwargs,
 )
 
 
@@ -92,14 +94,22 @@ def test_warmup_steps_and_ratio(tmp_path: Path) -> None:
     assert ratio[10] == pytest.approx(0.05) and ratio[20] == pytest.approx(0.1) and ratio[50] == pytest.approx(0.01)
 
 
-def test_missing_training_length_fails_with_instructions(tmp_path: Path) -> None:
+def test_a_length_left_to_the_data_loader_outside_trainer_fails_at_the_first_step(tmp_path: Path) -> None:
     args = training_args(tmp_path, num_train_epochs=3)  # length known only from the data loader
-    with pytest.raises(ValueError, match="num_training_steps=ceil"):
-        create_optimizer_and_scheduler(tiny_models()["gpt2"], args)
+    optimizer, scheduler = create_optimizer_and_scheduler(tiny_models()["gpt2"], args)
+    assert isinstance(scheduler, ScheduleAtFirstStep) and scheduler.get_last_lr() == [0.1, 0.1]
+    with pytest.raises(ValueError, match="no Trainer holds this schedule. Pass num_training_steps=ceil"):
+        optimizer.step()
     _, scheduler = create_optimizer_and_scheduler(tiny_models()["gpt2"], args, num_training_steps=30)
     assert scheduler.lr_lambdas[0](15) == pytest.approx(0.5)
-    _, constant = create_optimizer_and_scheduler(tiny_models()["gpt2"], args, lr_scheduler_type="constant")
-    assert constant.get_last_lr() == [0.1, 0.1]
+    # Schedules that need no length are built at once, greedy included.
+    for name in ("constant", "reduce_lr_on_plateau", "greedy"):
+        _, scheduler = create_optimizer_and_scheduler(tiny_models()["gpt2"], args, lr_scheduler_type=name)
+        assert not isinstance(scheduler, ScheduleAtFirstStep), name
+    # A warmup given as a ratio of training needs the length.
+    ratio = training_args(tmp_path, num_train_epochs=3, warmup_steps=0.1)
+    _, scheduler = create_optimizer_and_scheduler(tiny_models()["gpt2"], ratio, lr_scheduler_type="constant_with_warmup")
+    assert isinstance(scheduler, ScheduleAtFirstStep)
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
@@ -226,3 +236,78 @@ def test_factory_refuses_deepspeed_and_points_to_optimizer_cls_and_kwargs(tmp_pa
             build()
     cls, kwargs = optimizer_cls_and_kwargs(args, eta=0.5)  # the route that works there
     assert cls is SoftAdam and kwargs["eta"] == 0.5
+
+
+# --- Trainer used the usual way: every schedule name, every eta schedule, length by epochs ---
+
+# The schedule-specific settings transformers' schedules cannot do without.
+SCHEDULE_KWARGS = {"cosine_with_min_lr": {"min_lr": 0.01}, "cosine_warmup_with_min_lr": {"min_lr": 0.01},
+                   "warmup_stable_decay": {"num_decay_steps": 2}}
+
+
+def epoch_trainer(tmp_path: Path, optimizers=None, **kwargs) -> Trainer:
+    """Trainer whose length is set by epochs, as TrainingArguments' defaults set it:
+    2 epochs of 3 batches; evaluation every 2 steps, which metric-driven schedules step on."""
+    settings = dict(num_train_epochs=2, per_device_train_batch_size=16, logging_steps=1, save_steps=3,
+                    eval_strategy="steps", eval_steps=2, metric_for_best_model="loss", learning_rate=0.3)
+    args = training_args(tmp_path, **{**settings, **kwargs})
+    model = gpt2_without_dropout()
+    if callable(optimizers):
+        optimizers = optimizers(model, args)
+    return Trainer(model=model, args=args, train_dataset=MarkovDataset(48, seed=1),
+                   eval_dataset=MarkovDataset(16, seed=2), optimizers=optimizers or (None, None))
+
+
+def lr_log(trainer: Trainer) -> list[float]:
+    return [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_every_schedule_name_with_every_eta_schedule_trains_or_is_refused(name: str, tmp_path: Path) -> None:
+    kwargs = dict(lr_scheduler_type=name if name != "step" else "linear", warmup_steps=2,
+                  lr_scheduler_kwargs=SCHEDULE_KWARGS.get(name, {}))
+    if name != "step":  # the schedule Trainer builds itself from the same arguments
+        reference = epoch_trainer(tmp_path / "reference", optimizers=lambda m, a: (create_optimizer(m, a), None),
+                                  **kwargs)
+        reference.train()
+        assert reference.state.max_steps == 6
+    for eta_schedule in ("constant", "linear", "cosine"):
+        eta = {} if eta_schedule == "constant" else dict(eta_schedule=eta_schedule, eta_end=0.25)
+
+        def factory(model, args):
+            return create_optimizer_and_scheduler(model, args, lr_scheduler_type=name, eta=2.0, **eta)
+
+        if eta and name in METRIC_DRIVEN_SCHEDULES:
+            with pytest.raises(ValueError, match=f"eta_schedule='{eta_schedule}' cannot go with .*{name}"):
+                epoch_trainer(tmp_path / eta_schedule, optimizers=factory, **kwargs)
+            continue
+        trainer = epoch_trainer(tmp_path / eta_schedule, optimizers=factory, **kwargs)
+        trainer.train()
+        lrs = lr_log(trainer)
+        assert len(lrs) == 6
+        if name != "step":
+            assert lrs == pytest.approx(lr_log(reference), rel=1e-12), eta_schedule
+        else:
+            assert lrs == pytest.approx([0.0, 0.15, 0.3, 0.03, 0.003, 0.003]), lrs  # warmup 2, x0.1 at 3 and 4
+        optimizer = softadam_of(trainer)
+        expected_eta = 2.0 if not eta else eta_at(6, eta_schedule, 2.0, 0.25, 6)
+        assert optimizer.param_groups[0]["eta"] == pytest.approx(expected_eta)
+
+
+def train_by_epochs(tmp_path: Path, resume: str | None = None, **factory_kwargs) -> Trainer:
+    trainer = epoch_trainer(tmp_path, optimizers=lambda m, a: create_optimizer_and_scheduler(
+        m, a, eta=2.0, eta_schedule="linear", eta_end=0.5, **factory_kwargs), eval_strategy="no")
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_training_length_by_epochs_equals_the_explicit_length_and_resumes_exactly(tmp_path: Path) -> None:
+    explicit = train_by_epochs(tmp_path / "explicit", num_training_steps=6)
+    by_epochs = train_by_epochs(tmp_path / "epochs")
+    assert isinstance(by_epochs.lr_scheduler, ScheduleAtFirstStep) and by_epochs.lr_scheduler.num_training_steps == 6
+    history = [h for h in by_epochs.state.log_history if "loss" in h]
+    assert history == [h for h in explicit.state.log_history if "loss" in h]
+    assert [h["learning_rate"] for h in history] == pytest.approx([0.3 * (6 - k) / 6 for k in range(6)])
+    resumed = train_by_epochs(tmp_path / "resumed", resume=str(tmp_path / "epochs" / "out" / "checkpoint-3"))
+    assert [h for h in resumed.state.log_history if "loss" in h] == history
+    assert softadam_of(resumed).param_groups[0]["eta"] == softadam_of(by_epochs).param_groups[0]["eta"] == 0.5
