@@ -8,13 +8,21 @@ second. ``make setup`` builds it ahead of time. Building on first use rather tha
 ``pip install`` keeps installation free of a build-time torch (pip's build isolation
 would fetch one).
 
+The build is keyed by what goes into it: the source's content, the compiler flags, the
+torch and Python versions (:func:`kernel_build_name`). The source is built from a copy
+kept in the build's own folder, so every copy of the package on a machine (two
+checkouts, an installed copy beside an editable one) shares one build, while a changed
+kernel gets a build of its own and never loads a stale library.
+
 Where no compiler is available the build fails once, :func:`fused_cpu_kernel` warns and
 returns None, and SoftAdam keeps to its per-tensor and foreach executions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +50,34 @@ def _compiler_flags() -> list[str]:
     return flags
 
 
+def kernel_build_name() -> str:
+    """The extension's name in torch's cache: the CPU's vector width and a digest of the
+    source, the flags, and the torch and Python versions the library is built for."""
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(repr((_compiler_flags(), torch.__version__, sys.version_info[:2], sys.abiflags)).encode())
+    return f"softadam_fused_cpu_{torch.backends.cpu.get_cpu_capability().lower()}_{key.hexdigest()[:16]}"
+
+
+def _build_directory(name: str) -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+
+
+def _source_in(directory: Path) -> Path:
+    """The source, copied into the build's folder: the build then names the same file
+    whichever copy of the package asks for it (a build records its sources' paths, and a
+    new path would make ninja rebuild)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    copy = directory / SOURCE.name
+    text = SOURCE.read_bytes()
+    if not copy.exists() or copy.read_bytes() != text:
+        partial = directory / f".{SOURCE.name}.{os.getpid()}"
+        partial.write_bytes(text)
+        os.replace(partial, copy)  # atomic: a concurrent build never reads half a file
+    return copy
+
+
 def fused_cpu_kernel(verbose: bool = False) -> Optional[ModuleType]:
     """The compiled kernel module, building it on first use; None (with one warning)
     where it cannot be built. Set SOFTADAM_NO_FUSED=1 to never build or use it."""
@@ -54,12 +90,14 @@ def fused_cpu_kernel(verbose: bool = False) -> Optional[ModuleType]:
     try:
         from torch.utils.cpp_extension import load
 
-        capability = torch.backends.cpu.get_cpu_capability().lower()
+        name = kernel_build_name()
+        directory = _build_directory(name)
         _kernel = load(
-            name=f"softadam_fused_cpu_{capability}",
-            sources=[str(SOURCE)],
+            name=name,
+            sources=[str(_source_in(directory))],
             extra_cflags=_compiler_flags(),
             extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
             verbose=verbose,
         )
     except Exception as error:  # no compiler, no headers, a failed build: keep training on the reference paths

@@ -195,6 +195,48 @@ def test_without_the_kernel_softadam_warns_once_and_keeps_training(tmp_path: Pat
     assert "warnings 0" in disabled.stdout and "mean kept False moved True" in disabled.stdout
 
 
+def test_copies_of_the_package_share_one_kernel_build_and_a_changed_kernel_gets_its_own(tmp_path: Path) -> None:
+    """Two checkouts (or an installed copy beside an editable one) load the build of the
+    same kernel without rebuilding it, however they take turns; a kernel whose source
+    differs is built under another name, so a stale library is never loaded."""
+    import shutil
+
+    from softadam_nlp._fused import fused_cpu_kernel, kernel_build_name
+
+    kernel = fused_cpu_kernel()
+    assert kernel is not None, "the fused CPU kernel is not available (make setup builds it)"
+    library = Path(kernel.__file__)
+    built = {path: path.stat().st_mtime_ns for path in library.parent.iterdir() if path.is_file()}
+    copies = []
+    for name in ("checkout-a", "checkout-b"):
+        shutil.copytree(REPO / "softadam_nlp", tmp_path / name / "softadam_nlp",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        copies.append(tmp_path / name)
+    code = """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from softadam_nlp import _fused
+        assert _fused.__file__.startswith(sys.argv[1]), _fused.__file__
+        print(_fused.fused_cpu_kernel().__file__ if sys.argv[2] == "load" else _fused.kernel_build_name())
+    """
+    environment = {k: v for k, v in os.environ.items() if k != "SOFTADAM_NO_FUSED"}
+
+    def in_copy(copy: Path, what: str) -> str:
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(copy), what], capture_output=True,
+                                text=True, env=environment, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    for copy in (*copies, copies[0], REPO):  # in turns, the repository's own copy last
+        assert in_copy(copy, "load") == str(library)
+    rebuilt = [path.name for path, mtime in built.items() if path.stat().st_mtime_ns != mtime]
+    assert not rebuilt, f"loading from another copy rebuilt {rebuilt}"
+    changed = copies[1] / "softadam_nlp" / "csrc" / "fused_softadam_cpu.cpp"
+    changed.write_text(changed.read_text() + "// a changed kernel\n")
+    assert in_copy(copies[0], "name") == kernel_build_name()
+    assert in_copy(copies[1], "name") != kernel_build_name()
+
+
 def test_step_benchmark_reports_every_execution_against_fused_adamw(tmp_path: Path) -> None:
     import json
 
