@@ -204,7 +204,7 @@ def test_average_params_averages_moments_across_workers(tmp_path: Path) -> None:
         assert exp_avg_sq == pytest.approx([2.5] * 4)
 
 
-# Which of fairseq's schedulers accept --warmup-updates 0 (README "fairseq" table).
+# Which of fairseq's schedulers accept --warmup-updates 0 (docs/fairseq.md table).
 WARMUP_ZERO_OK = ["cosine", "fixed", "polynomial_decay", "reduce_lr_on_plateau", "step"]
 WARMUP_ZERO_FAILS = {"inverse_sqrt": ZeroDivisionError}
 
@@ -255,7 +255,7 @@ def _readme_commands(tool: str) -> list[list[str]]:
     import re
     import shlex
 
-    section = (REPO / "README.md").read_text().split("## fairseq", 1)[1].split("\n## ", 1)[0]
+    section = (REPO / "docs" / "fairseq.md").read_text().split("\n", 1)[1]
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     commands = [shlex.split(line) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     return [c[1:] for c in commands if c and c[0] == tool]
