@@ -9,7 +9,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c requirements/
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench docs lint clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): requirements/constraints.txt setup.py Makefile
 	@# built ahead (DS_BUILD_OPS=0), and --no-deps so that its torch requirement pulls
 	@# nothing; its runtime needs come with the deepspeed extra, pinned like the rest.
 	DS_BUILD_OPS=0 $(PIP) --no-deps --no-build-isolation deepspeed
-	$(PIP) -e '.[fairseq,hf,deepspeed,experiments,test]'
+	$(PIP) -e '.[fairseq,hf,deepspeed,experiments,test,dev]'
 	DS_ACCELERATOR=cpu $(PY) -c "import torch, fairseq, transformers, datasets, sacrebleu, deepspeed, softadam_nlp; \
 	          print('environment ready: torch', torch.__version__, '| fairseq', fairseq.__version__, \
 	                '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
@@ -38,6 +38,16 @@ $(STAMP): requirements/constraints.txt setup.py Makefile
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# The documentation site from docs/ (MkDocs, Material theme, API reference from the
+# docstrings): `make docs` builds it into site/ (strict: a broken link fails);
+# `make docs SERVE=1` serves it at http://127.0.0.1:8000 while you edit.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs $(if $(SERVE),serve,build --strict)
+
+# ruff, configured in pyproject.toml; `make test` runs the same check (tests/test_project.py).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
@@ -45,4 +55,4 @@ bench: $(STAMP)
 	$(PY) scripts/bench_optimizer.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist site *.egg-info

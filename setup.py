@@ -15,6 +15,13 @@ setup(
     description="SoftAdam (SGD/Adam blend) optimizer for fairseq and Hugging Face transformers",
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
+    license="MIT",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.10",
     packages=find_packages(include=["softadam_nlp", "softadam_nlp.*"]),
     # The fused CPU kernel's source, compiled on first use (softadam_nlp/_fused.py),
@@ -49,9 +56,21 @@ setup(
         ],
         # DeepSpeed itself is installed separately with --no-deps (see the Makefile), so
         # that its torch requirement cannot pull another torch. These are its runtime needs.
-        "deepspeed": ["einops", "hjson", "msgpack", "ninja", "numpy", "packaging", "psutil", "py-cpuinfo",
-                      "pydantic", "tqdm"],
+        "deepspeed": [
+            "einops",
+            "hjson",
+            "msgpack",
+            "ninja",
+            "numpy",
+            "packaging",
+            "psutil",
+            "py-cpuinfo",
+            "pydantic",
+            "tqdm",
+        ],
         "experiments": ["matplotlib", "numpy"],
         "test": ["pytest", "hypothesis"],
+        # The documentation site (mkdocs build), the packaging checks and the linter.
+        "dev": ["mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff", "build", "twine"],
     },
 )

@@ -1,10 +1,10 @@
-"""fairseq ``--user-dir``: importing this package registers SoftAdam with fairseq.
+"""fairseq `--user-dir`: importing this package registers SoftAdam with fairseq.
 
     fairseq-train DATA --user-dir fairseq_plugins --optimizer softadam --lr 0.1 ...
 
-registers ``--optimizer softadam`` (fairseq_plugins/softadam_optimizer.py) and lets
+registers `--optimizer softadam` (fairseq_plugins/softadam_optimizer.py) and lets
 fairseq 0.12 load its checkpoints on current torch (fairseq_plugins/compat.py), so
-pass the same ``--user-dir`` to fairseq-generate too.
+pass the same `--user-dir` to fairseq-generate too.
 """
 
 from fairseq_plugins import softadam_optimizer  # noqa: F401  (registers "softadam")

@@ -1,7 +1,7 @@
-"""``--optimizer softadam`` for fairseq: a thin adapter over softadam_nlp.SoftAdam.
+"""`--optimizer softadam` for fairseq: a thin adapter over softadam_nlp.SoftAdam.
 
 Modelled on fairseq/optim/adam.py: a dataclass config whose fields become the
-``--softadam-*`` command-line options (and the keys of ``optimizer:`` in
+`--softadam-*` command-line options (and the keys of `optimizer:` in
 fairseq-hydra-train yaml), and a FairseqOptimizer that maps them to the torch
 optimizer. The update math lives only in softadam_nlp.
 """
@@ -10,7 +10,7 @@ import ast
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import torch.distributed as dist
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -54,11 +54,13 @@ class FairseqSoftAdamConfig(FairseqDataclass):
     )
     softadam_nonfinite: str = field(
         default="raise",
-        metadata={"help": "a step with a NaN/inf gradient: 'raise' an error, or 'skip' it (parameters and "
-                          "state untouched either way); fairseq's --fp16/--amp scalers skip such steps themselves"},
+        metadata={
+            "help": "a step with a NaN/inf gradient: 'raise' an error, or 'skip' it (parameters and "
+            "state untouched either way); fairseq's --fp16/--amp scalers skip such steps themselves"
+        },
     )
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (as in AdamW)"})
-    lr: List[float] = II("optimization.lr")
+    lr: list[float] = II("optimization.lr")
     max_update: int = II("optimization.max_update")
 
 
@@ -81,10 +83,10 @@ class FairseqSoftAdam(FairseqOptimizer):
     """SoftAdam for fairseq. See softadam_nlp.SoftAdam for the algorithm.
 
     Wrapper contract, as for fairseq's adam:
-    - ``--memory-efficient-fp16/bf16``: supported; SoftAdam keeps float32 state for
+    - `--memory-efficient-fp16/bf16`: supported; SoftAdam keeps float32 state for
       16-bit parameters and writes the result back itself.
-    - ``--fp16`` with flattened parameters: refused (``supports_flat_params`` is
-      False, so fairseq asks for ``--fp16-no-flatten-grads``). One flat buffer would
+    - `--fp16` with flattened parameters: refused (`supports_flat_params` is
+      False, so fairseq asks for `--fp16-no-flatten-grads`). One flat buffer would
       turn the per-tensor mean of v into a mean over the whole model.
     """
 
@@ -103,8 +105,10 @@ class FairseqSoftAdam(FairseqOptimizer):
             try:
                 check_eta_schedule(self.cfg.softadam_eta_schedule, self.cfg.softadam_eta_end, self.cfg.max_update)
             except ValueError as error:
-                raise ValueError(f"--softadam-eta-schedule {self.cfg.softadam_eta_schedule} (with "
-                                 f"--softadam-eta-end and --max-update): {error}") from None
+                raise ValueError(
+                    f"--softadam-eta-schedule {self.cfg.softadam_eta_schedule} (with "
+                    f"--softadam-eta-end and --max-update): {error}"
+                ) from None
         # fairseq's memory-efficient wrapper, after load_state_dict, would put the
         # checkpoint's tensors (loaded on the CPU) back into the state unmoved; SoftAdam's
         # own load_state_dict already restores float32 moments on the parameters' device.
@@ -129,8 +133,13 @@ class FairseqSoftAdam(FairseqOptimizer):
         schedule where it was."""
         if self.cfg.softadam_eta_schedule != "constant":
             done = max((int(s["step"]) for s in self._optimizer.state.values() if "step" in s), default=0)
-            eta = eta_at(done, self.cfg.softadam_eta_schedule, self.cfg.softadam_eta, self.cfg.softadam_eta_end,
-                         self.cfg.max_update)
+            eta = eta_at(
+                done,
+                self.cfg.softadam_eta_schedule,
+                self.cfg.softadam_eta,
+                self.cfg.softadam_eta_end,
+                self.cfg.max_update,
+            )
             for group in self._optimizer.param_groups:
                 group["eta"] = eta
         super().step(closure, scale=scale, groups=groups)

@@ -44,7 +44,14 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict, load_dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, default_data_collator
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
 
 from softadam_nlp.data.ptb import EOS, PTB_HUB_DATASET, load_ptb_hub, ptb_files
 from softadam_nlp.eta_schedule import eta_schedule_cli_error
@@ -53,8 +60,13 @@ from softadam_nlp.experiments.checkpoints import last_complete_checkpoint
 from softadam_nlp.experiments.records import default_results, record_path, write_record
 from softadam_nlp.experiments.runtime import flush_denormals
 from softadam_nlp.hf import (
-    add_deepspeed_argument, add_optimizer_arguments, available_reporters, deepspeed_cli_error, optimizers_from_cli,
-    trainer_optimizer_arguments, trainer_schedule_name,
+    add_deepspeed_argument,
+    add_optimizer_arguments,
+    available_reporters,
+    deepspeed_cli_error,
+    optimizers_from_cli,
+    trainer_optimizer_arguments,
+    trainer_schedule_name,
     training_arguments_cli,
 )
 from softadam_nlp.models.awd_lstm import AWDLSTMConfig, AWDLSTMForLanguageModeling
@@ -64,16 +76,39 @@ REPO = Path(__file__).resolve().parents[1]
 # AWD-LSTM presets. Dropouts not listed keep AWDLSTMConfig's recipe values.
 # cpu: about 14 minutes alone on the 2-core build machine (docs/RESULTS.md).
 PRESETS = {
-    "paper": {"model": {"embedding_size": 400, "hidden_size": 1150, "num_layers": 3},
-              "epochs": 500, "batch_size": 20, "bptt": 70},
-    "cpu": {"model": {"embedding_size": 200, "hidden_size": 400, "num_layers": 3},
-            "epochs": 3, "batch_size": 20, "bptt": 70},
+    "paper": {
+        "model": {"embedding_size": 400, "hidden_size": 1150, "num_layers": 3},
+        "epochs": 500,
+        "batch_size": 20,
+        "bptt": 70,
+    },
+    "cpu": {
+        "model": {"embedding_size": 200, "hidden_size": 400, "num_layers": 3},
+        "epochs": 3,
+        "batch_size": 20,
+        "bptt": 70,
+    },
     # demo: one epoch of a 2-layer 64/128 model, about 2 minutes alone (`make demo`, docs/RESULTS.md).
-    "demo": {"model": {"embedding_size": 64, "hidden_size": 128, "num_layers": 2},
-             "epochs": 1, "batch_size": 20, "bptt": 70},
-    "tiny": {"model": {"embedding_size": 16, "hidden_size": 32, "num_layers": 2, "dropout_output": 0.1,
-                       "dropout_hidden": 0.1, "dropout_input": 0.1, "dropout_embedding": 0.0},
-             "epochs": 3, "batch_size": 8, "bptt": 20},
+    "demo": {
+        "model": {"embedding_size": 64, "hidden_size": 128, "num_layers": 2},
+        "epochs": 1,
+        "batch_size": 20,
+        "bptt": 70,
+    },
+    "tiny": {
+        "model": {
+            "embedding_size": 16,
+            "hidden_size": 32,
+            "num_layers": 2,
+            "dropout_output": 0.1,
+            "dropout_hidden": 0.1,
+            "dropout_input": 0.1,
+            "dropout_embedding": 0.0,
+        },
+        "epochs": 3,
+        "batch_size": 8,
+        "bptt": 20,
+    },
 }
 # Per optimizer and preset. `cpu`: the best of the seed-1 sweep in docs/RESULTS.md
 # (results/cpu/sweeps/ptb_lr): SGD 30 of 10/30/60 (the recipe's rate, no momentum),
@@ -122,8 +157,14 @@ def token_streams(raw: DatasetDict, tokenizer: PreTrainedTokenizerFast) -> dict[
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=None, help="folder with ptb.{train,valid,test}.txt")
-    p.add_argument("--hub-dataset", nargs="?", const=PTB_HUB_DATASET, default=None, metavar="NAME",
-                   help=f"load PTB from the Hugging Face hub instead of files (default name: {PTB_HUB_DATASET})")
+    p.add_argument(
+        "--hub-dataset",
+        nargs="?",
+        const=PTB_HUB_DATASET,
+        default=None,
+        metavar="NAME",
+        help=f"load PTB from the Hugging Face hub instead of files (default name: {PTB_HUB_DATASET})",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the PTB md5 check (other text in the PTB layout)")
     p.add_argument("--model", choices=("awd_lstm", "gpt2"), default="awd_lstm")
     p.add_argument("--seed", type=int, default=1)
@@ -135,13 +176,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     awd.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     awd.add_argument("--epochs", type=int, default=None)
     awd.add_argument("--bptt", type=int, default=None)
-    awd.add_argument("--weight-drop", type=float, default=None,
-                     help=f"default: the recipe's 0.5, {SOFTADAM_WEIGHT_DROP} for SoftAdam")
-    awd.add_argument("--results", type=Path, default=None,
-                     help="folder for the run's record (default: results/<preset>/ptb)")
+    awd.add_argument(
+        "--weight-drop",
+        type=float,
+        default=None,
+        help=f"default: the recipe's 0.5, {SOFTADAM_WEIGHT_DROP} for SoftAdam",
+    )
+    awd.add_argument(
+        "--results", type=Path, default=None, help="folder for the run's record (default: results/<preset>/ptb)"
+    )
     awd.add_argument("--force", action="store_true", help="rerun even if the record exists")
-    awd.add_argument("--dry-run", action="store_true",
-                     help="print the run's Trainer arguments (checked by transformers' parser) and optimizer; train nothing")
+    awd.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the run's Trainer arguments (checked by transformers' parser) and optimizer; train nothing",
+    )
     gpt2 = p.add_argument_group("gpt2")
     gpt2.add_argument("--block-size", type=int, default=70, help="tokens per training sequence")
     gpt2.add_argument("--hidden-size", type=int, default=256)
@@ -187,11 +236,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def training_arguments(args: argparse.Namespace, **overrides) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(args.output_dir), per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, weight_decay=args.weight_decay, lr_scheduler_type=trainer_schedule_name(args),
-        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), report_to=available_reporters(),
-        deepspeed=str(args.deepspeed) if args.deepspeed else None, **overrides,
+        output_dir=str(args.output_dir),
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=trainer_schedule_name(args),
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=available_reporters(),
+        deepspeed=str(args.deepspeed) if args.deepspeed else None,
+        **overrides,
     )
 
 
@@ -202,23 +258,37 @@ def epoch_curve(log_history: list[dict]) -> list[dict]:
         if "eval_ppl" in entry:
             epoch = round(entry["epoch"])
             losses = [e["loss"] for e in log_history if "loss" in e and epoch - 1 < e.get("epoch", -1) <= epoch]
-            curve.append({"epoch": epoch, "valid_loss": entry["eval_loss"], "valid_ppl": entry["eval_ppl"],
-                          "train_loss": sum(losses) / len(losses) if losses else None,
-                          "wall_seconds": entry.get("eval_train_seconds")})
+            curve.append(
+                {
+                    "epoch": epoch,
+                    "valid_loss": entry["eval_loss"],
+                    "valid_ppl": entry["eval_ppl"],
+                    "train_loss": sum(losses) / len(losses) if losses else None,
+                    "wall_seconds": entry.get("eval_train_seconds"),
+                }
+            )
     return curve
 
 
-def awd_lstm_setup(args: argparse.Namespace, streams: dict[str, torch.Tensor],
-                   vocab_size: int) -> tuple[AWDLSTMForLanguageModeling, TrainingArguments, int]:
+def awd_lstm_setup(
+    args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_size: int
+) -> tuple[AWDLSTMForLanguageModeling, TrainingArguments, int]:
     """The model, the Trainer's arguments and the number of optimizer steps of a run."""
     torch.manual_seed(args.seed)
     config = AWDLSTMConfig(vocab_size=vocab_size, weight_drop=args.weight_drop, **PRESETS[args.preset]["model"])
     model = AWDLSTMForLanguageModeling(config)
     steps_per_epoch = segments_per_epoch(streams["train"], args.batch_size, args.bptt)
     training_args = training_arguments(
-        args, num_train_epochs=args.epochs, per_device_eval_batch_size=VALID_BATCH,
-        eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
-        metric_for_best_model="eval_loss", greater_is_better=False, logging_steps=max(1, steps_per_epoch // 10),
+        args,
+        num_train_epochs=args.epochs,
+        per_device_eval_batch_size=VALID_BATCH,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, steps_per_epoch // 10),
     )
     return model, training_args, steps_per_epoch * args.epochs
 
@@ -243,17 +313,23 @@ def dry_run(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_si
     print(shlex.join(flags))
     if training_args.deepspeed:  # Trainer builds the optimizer itself there
         cls, kwargs = trainer_optimizer_arguments(args, model, training_args)["optimizer_cls_and_kwargs"]
-        print(f"# optimizer {cls.__name__} {kwargs}, given to Trainer as optimizer_cls_and_kwargs (DeepSpeed); "
-              f"schedule {args.lr_scheduler}, warmup {args.warmup_steps}")
+        print(
+            f"# optimizer {cls.__name__} {kwargs}, given to Trainer as optimizer_cls_and_kwargs (DeepSpeed); "
+            f"schedule {args.lr_scheduler}, warmup {args.warmup_steps}"
+        )
     else:
         optimizer, scheduler = optimizers_from_cli(args, model, training_args, num_training_steps)
         hyper = {k: v for k, v in optimizer.defaults.items() if k in ("lr", "eta", "betas", "momentum", "nesterov")}
         hyper["weight_decay per group"] = [group["weight_decay"] for group in optimizer.param_groups]
-        print(f"# optimizer {type(optimizer).__name__} {hyper}; schedule {args.lr_scheduler}, "
-              f"warmup {args.warmup_steps}; lr at step 0: {scheduler.get_last_lr()[0]:g}")
+        print(
+            f"# optimizer {type(optimizer).__name__} {hyper}; schedule {args.lr_scheduler}, "
+            f"warmup {args.warmup_steps}; lr at step 0: {scheduler.get_last_lr()[0]:g}"
+        )
     print(f"# model {model.config.to_diff_dict()} ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    print(f"# {num_training_steps:,} optimizer steps ({args.epochs} epochs, batch {args.batch_size}, bptt {args.bptt}); "
-          f"record -> {awd_record_path(args)}")
+    print(
+        f"# {num_training_steps:,} optimizer steps ({args.epochs} epochs, batch {args.batch_size}, bptt {args.bptt}); "
+        f"record -> {awd_record_path(args)}"
+    )
     return 0
 
 
@@ -262,9 +338,14 @@ def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], v
     if args.force and args.output_dir.exists():
         shutil.rmtree(args.output_dir)
     model, training_args, num_training_steps = awd_lstm_setup(args, streams, vocab_size)
-    trainer = BPTTTrainer(model=model, args=training_args, train_tokens=streams["train"],
-                          eval_tokens=streams["valid"], bptt=args.bptt,
-                          **trainer_optimizer_arguments(args, model, training_args, num_training_steps))
+    trainer = BPTTTrainer(
+        model=model,
+        args=training_args,
+        train_tokens=streams["train"],
+        eval_tokens=streams["valid"],
+        bptt=args.bptt,
+        **trainer_optimizer_arguments(args, model, training_args, num_training_steps),
+    )
     last, incomplete = last_complete_checkpoint(args.output_dir)
     for folder in incomplete:
         print(f"removed {folder}: incomplete (the run stopped while saving it)", flush=True)
@@ -277,23 +358,40 @@ def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], v
     test = evaluate_stream(trainer.model, streams["test"], TEST_BATCH, args.bptt)
     curve = epoch_curve(trainer.state.log_history)
     record = {
-        "experiment": "ptb", "preset": args.preset, "optimizer": args.optimizer, "seed": args.seed,
+        "experiment": "ptb",
+        "preset": args.preset,
+        "optimizer": args.optimizer,
+        "seed": args.seed,
         "command": [sys.executable, "hf_examples/run_language_modeling.py", *argv],
-        "config": {"lr": args.lr, "eta": args.eta if args.optimizer == "softadam" else None,
-                   "eta_schedule": args.eta_schedule if args.optimizer == "softadam" else None,
-                   "eta_end": args.eta_end,
-                   "momentum": args.momentum if args.optimizer == "sgd" else None,
-                   "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler,
-                   "warmup_steps": args.warmup_steps, "epochs": args.epochs, "bptt": args.bptt,
-                   "batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
-                   "steps": num_training_steps, "model": model.config.to_diff_dict(),
-                   "flush_denormals": args.flush_denormals},
+        "config": {
+            "lr": args.lr,
+            "eta": args.eta if args.optimizer == "softadam" else None,
+            "eta_schedule": args.eta_schedule if args.optimizer == "softadam" else None,
+            "eta_end": args.eta_end,
+            "momentum": args.momentum if args.optimizer == "sgd" else None,
+            "weight_decay": args.weight_decay,
+            "lr_scheduler": args.lr_scheduler,
+            "warmup_steps": args.warmup_steps,
+            "epochs": args.epochs,
+            "bptt": args.bptt,
+            "batch_size": args.batch_size,
+            "max_grad_norm": args.max_grad_norm,
+            "steps": num_training_steps,
+            "model": model.config.to_diff_dict(),
+            "flush_denormals": args.flush_denormals,
+        },
         "parameters": sum(p.numel() for p in model.parameters()),
-        "epochs": curve, "train_curve": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
+        "epochs": curve,
+        "train_curve": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
         "best_epoch": min(curve, key=lambda e: e["valid_loss"])["epoch"] if curve else None,
-        "valid_loss": valid["loss"], "valid_ppl": valid["ppl"], "test_loss": test["loss"], "test_ppl": test["ppl"],
-        "data": args.data_source, "tokens": {split: int(s.numel()) for split, s in streams.items()},
-        "train_seconds": curve[-1]["wall_seconds"] if curve else None, "eval_seconds": time.time() - started,
+        "valid_loss": valid["loss"],
+        "valid_ppl": valid["ppl"],
+        "test_loss": test["loss"],
+        "test_ppl": test["ppl"],
+        "data": args.data_source,
+        "tokens": {split: int(s.numel()) for split, s in streams.items()},
+        "train_seconds": curve[-1]["wall_seconds"] if curve else None,
+        "eval_seconds": time.time() - started,
     }
     write_record(path, record)
     trainer.save_model(str(args.output_dir / "best"))
@@ -306,16 +404,35 @@ def train_gpt2(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab
         n = stream.numel() // args.block_size * args.block_size
         return [{"input_ids": b, "labels": b} for b in stream[:n].view(-1, args.block_size)]
 
-    config = GPT2Config(vocab_size=vocab_size, n_positions=args.block_size, n_embd=args.hidden_size,
-                        n_layer=args.layers, n_head=args.heads, resid_pdrop=args.dropout,
-                        embd_pdrop=args.dropout, attn_pdrop=args.dropout, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=args.block_size,
+        n_embd=args.hidden_size,
+        n_layer=args.layers,
+        n_head=args.heads,
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config)
     training_args = training_arguments(
-        args, max_steps=args.max_steps, per_device_eval_batch_size=args.batch_size, save_strategy="steps",
-        save_steps=args.max_steps, save_total_limit=2, logging_steps=max(1, min(50, args.max_steps // 10)),
+        args,
+        max_steps=args.max_steps,
+        per_device_eval_batch_size=args.batch_size,
+        save_strategy="steps",
+        save_steps=args.max_steps,
+        save_total_limit=2,
+        logging_steps=max(1, min(50, args.max_steps // 10)),
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=blocks(streams["train"]),
-                      data_collator=default_data_collator, **trainer_optimizer_arguments(args, model, training_args))
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=blocks(streams["train"]),
+        data_collator=default_data_collator,
+        **trainer_optimizer_arguments(args, model, training_args),
+    )
     last, _ = last_complete_checkpoint(args.output_dir)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     metrics = {"optimizer": args.optimizer, "model": args.model}
@@ -324,7 +441,10 @@ def train_gpt2(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab
         metrics[f"{split}_loss"], metrics[f"{split}_ppl"] = loss, math.exp(min(loss, 50.0))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"valid ppl {metrics['valid_ppl']:.2f}  test ppl {metrics['test_ppl']:.2f}  -> {args.output_dir / 'metrics.json'}")
+    print(
+        f"valid ppl {metrics['valid_ppl']:.2f}  test ppl {metrics['test_ppl']:.2f}"
+        f"  -> {args.output_dir / 'metrics.json'}"
+    )
     return 0
 
 
@@ -351,8 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tokenizer = word_tokenizer(raw["train"]["text"])
     streams = token_streams(raw, tokenizer)
-    print(f"PTB from {args.data_source}: vocabulary {len(tokenizer):,}, tokens "
-          + " / ".join(f"{split} {s.numel():,}" for split, s in streams.items()), flush=True)
+    print(
+        f"PTB from {args.data_source}: vocabulary {len(tokenizer):,}, tokens "
+        + " / ".join(f"{split} {s.numel():,}" for split, s in streams.items()),
+        flush=True,
+    )
     if args.model == "awd_lstm" and args.dry_run:
         return dry_run(args, streams, len(tokenizer), argv)
     with flush_denormals() as args.flush_denormals:  # a diverging sweep cell runs 6x slower without

@@ -29,13 +29,21 @@ import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
-    DataCollatorForSeq2Seq, MarianConfig, MarianMTModel, PreTrainedTokenizerFast, Seq2SeqTrainer,
+    DataCollatorForSeq2Seq,
+    MarianConfig,
+    MarianMTModel,
+    PreTrainedTokenizerFast,
+    Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
 )
 
 from softadam_nlp.hf import (
-    add_deepspeed_argument, add_optimizer_arguments, available_reporters, deepspeed_cli_error,
-    trainer_optimizer_arguments, trainer_schedule_name,
+    add_deepspeed_argument,
+    add_optimizer_arguments,
+    available_reporters,
+    deepspeed_cli_error,
+    trainer_optimizer_arguments,
+    trainer_schedule_name,
 )
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -57,20 +65,29 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
     tokenizer.decoder = decoders.Metaspace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -> MarianMTModel:
     config = MarianConfig(
-        vocab_size=len(tokenizer), d_model=args.d_model,
-        encoder_layers=args.layers, decoder_layers=args.layers,
-        encoder_attention_heads=args.heads, decoder_attention_heads=args.heads,
-        encoder_ffn_dim=args.ffn_dim, decoder_ffn_dim=args.ffn_dim,
-        dropout=args.dropout, max_position_embeddings=args.max_length,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id, forced_eos_token_id=tokenizer.eos_token_id,
-        scale_embedding=True, share_encoder_decoder_embeddings=True,
+        vocab_size=len(tokenizer),
+        d_model=args.d_model,
+        encoder_layers=args.layers,
+        decoder_layers=args.layers,
+        encoder_attention_heads=args.heads,
+        decoder_attention_heads=args.heads,
+        encoder_ffn_dim=args.ffn_dim,
+        decoder_ffn_dim=args.ffn_dim,
+        dropout=args.dropout,
+        max_position_embeddings=args.max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
     )
     return MarianMTModel(config)
 
@@ -111,7 +128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         for split in ("train", "valid"):
             setattr(args, f"{split}_src", getattr(args, f"{split}_src") or args.data_dir / f"{split}.{args.src_lang}")
             setattr(args, f"{split}_tgt", getattr(args, f"{split}_tgt") or args.data_dir / f"{split}.{args.tgt_lang}")
-    missing = [f"--{s}" for s in ("train-src", "train-tgt", "valid-src", "valid-tgt") if not getattr(args, s.replace("-", "_"))]
+    missing = [
+        f"--{s}" for s in ("train-src", "train-tgt", "valid-src", "valid-tgt") if not getattr(args, s.replace("-", "_"))
+    ]
     if missing:
         p.error(f"give --data-dir or all of {', '.join(missing)}")
     if args.max_steps < 1:
@@ -125,8 +144,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        train_src, train_tgt = read_lines(args.train_src, args.max_train_samples), read_lines(args.train_tgt, args.max_train_samples)
-        valid_src, valid_tgt = read_lines(args.valid_src, args.max_eval_samples), read_lines(args.valid_tgt, args.max_eval_samples)
+        train_src, train_tgt = (
+            read_lines(args.train_src, args.max_train_samples),
+            read_lines(args.train_tgt, args.max_train_samples),
+        )
+        valid_src, valid_tgt = (
+            read_lines(args.valid_src, args.max_eval_samples),
+            read_lines(args.valid_tgt, args.max_eval_samples),
+        )
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -141,20 +166,37 @@ def main(argv: list[str] | None = None) -> int:
     def encode(batch: dict) -> dict:
         return tokenizer(batch["src"], text_target=batch["tgt"], max_length=args.max_length, truncation=True)
 
-    train_set = Dataset.from_dict({"src": train_src, "tgt": train_tgt}).map(encode, batched=True, remove_columns=["src", "tgt"])
-    valid_set = Dataset.from_dict({"src": valid_src, "tgt": valid_tgt}).map(encode, batched=True, remove_columns=["src", "tgt"])
+    train_set = Dataset.from_dict({"src": train_src, "tgt": train_tgt}).map(
+        encode, batched=True, remove_columns=["src", "tgt"]
+    )
+    valid_set = Dataset.from_dict({"src": valid_src, "tgt": valid_tgt}).map(
+        encode, batched=True, remove_columns=["src", "tgt"]
+    )
 
     model = build_model(tokenizer, args)
     training_args = Seq2SeqTrainingArguments(
-        output_dir=str(args.output_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
+        output_dir=str(args.output_dir),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
         lr_scheduler_type=trainer_schedule_name(args),
-        warmup_steps=args.warmup_steps, label_smoothing_factor=args.label_smoothing,
-        max_grad_norm=args.max_grad_norm, seed=args.seed, use_cpu=not torch.cuda.is_available(),
-        eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps,
-        save_strategy="steps", save_steps=args.eval_steps or args.max_steps, save_total_limit=2,
-        logging_steps=max(1, min(50, args.max_steps // 10)), report_to=available_reporters(),
-        predict_with_generate=True, generation_num_beams=args.beams, generation_max_length=args.max_length,
+        warmup_steps=args.warmup_steps,
+        label_smoothing_factor=args.label_smoothing,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps" if args.eval_steps else "no",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.eval_steps or args.max_steps,
+        save_total_limit=2,
+        logging_steps=max(1, min(50, args.max_steps // 10)),
+        report_to=available_reporters(),
+        predict_with_generate=True,
+        generation_num_beams=args.beams,
+        generation_max_length=args.max_length,
         deepspeed=str(args.deepspeed) if args.deepspeed else None,
     )
     optimizer_arguments = trainer_optimizer_arguments(args, model, training_args)
@@ -167,17 +209,24 @@ def main(argv: list[str] | None = None) -> int:
         return {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score}
 
     trainer = Seq2SeqTrainer(
-        model=model, args=training_args, train_dataset=train_set, eval_dataset=valid_set,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer,
-        compute_metrics=compute_metrics, **optimizer_arguments,
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=valid_set,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        **optimizer_arguments,
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     metrics = trainer.evaluate(num_beams=args.beams, max_length=args.max_length)
     metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
     metrics["optimizer"] = args.optimizer
     (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"valid BLEU {metrics['eval_bleu']:.2f}  valid loss {metrics['eval_loss']:.3f} "
-          f"(label-smoothed; ppl {metrics['eval_ppl']:.2f})  -> {args.output_dir / 'metrics.json'}")
+    print(
+        f"valid BLEU {metrics['eval_bleu']:.2f}  valid loss {metrics['eval_loss']:.3f} "
+        f"(label-smoothed; ppl {metrics['eval_ppl']:.2f})  -> {args.output_dir / 'metrics.json'}"
+    )
     return 0
 
 

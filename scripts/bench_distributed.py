@@ -9,8 +9,9 @@ times STEPS optimizer steps per round (``optimizer.step()``; under DeepSpeed
 ``engine.step()``, which also copies the partitions back and all-gathers them), for
 torch's AdamW (its default execution, and fused=True) and SoftAdam (default execution) in
 alternating rounds, so all see the same machine load. Rank 0 prints a markdown table of
-the medians and of SoftAdam over each AdamW per engine, and writes them to --json. SoftAdam's extra cost under the sharded engines is its
-one all-reduce of the per-tensor sums of g^2 per param group and step (layout.py).
+the medians and of SoftAdam over each AdamW per engine, and writes them to --json.
+SoftAdam's extra cost under the sharded engines is its one all-reduce of the per-tensor
+sums of g^2 per param group and step (layout.py).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ OPTIMIZERS = ("adamw", "adamw-fused", "softadam")
 def build_model(width: int, layers: int) -> torch.nn.Module:
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True)
-    return torch.nn.Sequential(torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False),
-                               torch.nn.Linear(width, width))
+    return torch.nn.Sequential(
+        torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False), torch.nn.Linear(width, width)
+    )
 
 
 def make_optimizer(name: str, params) -> torch.optim.Optimizer:
@@ -57,8 +59,12 @@ def wrapped(engine: str, optimizer_name: str, width: int, layers: int) -> tuple[
     if engine.startswith("zero"):
         import deepspeed
 
-        config = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": int(engine[-1])},
-                  "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+        config = {
+            "train_micro_batch_size_per_gpu": 8,
+            "zero_optimization": {"stage": int(engine[-1])},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
         optimizer = make_optimizer(optimizer_name, model.parameters())
         with contextlib.redirect_stdout(io.StringIO()):
             ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -83,8 +89,12 @@ def wrapped(engine: str, optimizer_name: str, width: int, layers: int) -> tuple[
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        model = FSDP(model, use_orig_params=engine == "fsdp1-orig", device_id=torch.device("cpu"),
-                     auto_wrap_policy=ModuleWrapPolicy({torch.nn.TransformerEncoderLayer}))
+        model = FSDP(
+            model,
+            use_orig_params=engine == "fsdp1-orig",
+            device_id=torch.device("cpu"),
+            auto_wrap_policy=ModuleWrapPolicy({torch.nn.TransformerEncoderLayer}),
+        )
     optimizer = make_optimizer(optimizer_name, model.parameters())
 
     def backward(x: torch.Tensor) -> None:
@@ -139,8 +149,10 @@ def profile_softadam(engine: str, args: argparse.Namespace) -> None:
         rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:8]
         print(f"  {engine}, SoftAdam, ms per step by own time (cProfile, rank 0, {steps} steps):")
         for (file, line, name), (_, calls, own, cumulative, _) in rows:
-            print(f"    {1e3 * own / steps:7.2f} own {1e3 * cumulative / steps:7.2f} cumulative  "
-                  f"{calls // steps:5d} calls  {Path(file).name}:{line}({name})")
+            print(
+                f"    {1e3 * own / steps:7.2f} own {1e3 * cumulative / steps:7.2f} cumulative  "
+                f"{calls // steps:5d} calls  {Path(file).name}:{line}({name})"
+            )
 
 
 def main() -> int:
@@ -152,37 +164,50 @@ def main() -> int:
     p.add_argument("--steps-per-round", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="write the record here")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile SoftAdam's steps (cProfile, rank 0) under each engine and print where time goes")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile SoftAdam's steps (cProfile, rank 0) under each engine and print where time goes",
+    )
     args = p.parse_args()
     if min(args.width, args.layers, args.rounds, args.steps_per_round) < 1 or args.width % 4:
         p.error("--width (a multiple of 4), --layers, --rounds and --steps-per-round must be >= 1")
     dist.init_process_group("gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     rank = dist.get_rank()
-    record: dict = {"command": " ".join(["torchrun --nproc-per-node", str(dist.get_world_size()), *sys.argv]),
-                    "date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
-                    f"thread(s) per process, {dist.get_world_size()} processes (gloo)", "torch": torch.__version__,
-                    "engines": {}}
+    record: dict = {
+        "command": " ".join(["torchrun --nproc-per-node", str(dist.get_world_size()), *sys.argv]),
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} "
+        f"thread(s) per process, {dist.get_world_size()} processes (gloo)",
+        "torch": torch.__version__,
+        "engines": {},
+    }
     for engine in args.engines:
-        per_round, numel = time_rounds(engine, args.width, args.layers, args.rounds, args.steps_per_round,
-                                       args.warmup)
+        per_round, numel = time_rounds(engine, args.width, args.layers, args.rounds, args.steps_per_round, args.warmup)
         medians = {name: statistics.median(values) for name, values in per_round.items()}
         record["parameters"] = numel
-        record["engines"][engine] = {"per_round_ms": per_round, "median_ms": medians,
-                                     "softadam_over_adamw": medians["softadam"] / medians["adamw"],
-                                     "softadam_over_adamw_fused": medians["softadam"] / medians["adamw-fused"]}
+        record["engines"][engine] = {
+            "per_round_ms": per_round,
+            "median_ms": medians,
+            "softadam_over_adamw": medians["softadam"] / medians["adamw"],
+            "softadam_over_adamw_fused": medians["softadam"] / medians["adamw-fused"],
+        }
         if rank == 0:
             print(f"{engine}: " + ", ".join(f"{name} {value:.2f} ms" for name, value in medians.items()), flush=True)
         if args.profile:
             profile_softadam(engine, args)
     if rank == 0:
-        print("\n| engine | AdamW step (ms) | AdamW fused (ms) | SoftAdam step (ms) | SoftAdam / AdamW | "
-              "SoftAdam / AdamW fused |\n|---|---|---|---|---|---|")
+        print(
+            "\n| engine | AdamW step (ms) | AdamW fused (ms) | SoftAdam step (ms) | SoftAdam / AdamW | "
+            "SoftAdam / AdamW fused |\n|---|---|---|---|---|---|"
+        )
         for engine, row in record["engines"].items():
             m = row["median_ms"]
-            print(f"| {engine} | {m['adamw']:.2f} | {m['adamw-fused']:.2f} | {m['softadam']:.2f} | "
-                  f"{row['softadam_over_adamw']:.2f} | {row['softadam_over_adamw_fused']:.2f} |")
+            print(
+                f"| {engine} | {m['adamw']:.2f} | {m['adamw-fused']:.2f} | {m['softadam']:.2f} | "
+                f"{row['softadam_over_adamw']:.2f} | {row['softadam_over_adamw_fused']:.2f} |"
+            )
         print(f"\n{record['parameters']:,} parameters; medians of {args.rounds} rounds of {args.steps_per_round} steps")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -51,12 +51,37 @@ def fairseq_words_per_second(optimizer: str, data_bin: Path, updates: int, inter
     with tempfile.TemporaryDirectory() as work:
         log_file = Path(work) / "train.log"
         command = [
-            fairseq_tool("fairseq-train"), str(data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
-            *MODELS[preset], *FAIRSEQ_OPTIMIZERS[optimizer], "--weight-decay", "0.0001",
-            "--lr-scheduler", "fixed", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--max-tokens", "4096", "--max-update", str(updates), "--seed", "1", "--no-save",
-            "--disable-validation", "--log-format", "json", "--log-interval", str(interval),
-            "--log-file", str(log_file), *device_flags(),
+            fairseq_tool("fairseq-train"),
+            str(data_bin),
+            "--user-dir",
+            str(PLUGIN),
+            "--task",
+            "translation",
+            *MODELS[preset],
+            *FAIRSEQ_OPTIMIZERS[optimizer],
+            "--weight-decay",
+            "0.0001",
+            "--lr-scheduler",
+            "fixed",
+            "--criterion",
+            "label_smoothed_cross_entropy",
+            "--label-smoothing",
+            "0.1",
+            "--max-tokens",
+            "4096",
+            "--max-update",
+            str(updates),
+            "--seed",
+            "1",
+            "--no-save",
+            "--disable-validation",
+            "--log-format",
+            "json",
+            "--log-interval",
+            str(interval),
+            "--log-file",
+            str(log_file),
+            *device_flags(),
         ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -83,16 +108,26 @@ def trainer_samples_per_second(optimizer: str, steps: int, skip: int, batch_size
 
     torch.manual_seed(0)
     # bos/eos inside the small vocabulary (GPT-2's own 50256 is out of it and warns).
-    config = GPT2Config(vocab_size=10_000, n_positions=128, n_embd=256, n_layer=4, n_head=4,
-                        bos_token_id=9_999, eos_token_id=9_999)
+    config = GPT2Config(
+        vocab_size=10_000, n_positions=128, n_embd=256, n_layer=4, n_head=4, bos_token_id=9_999, eos_token_id=9_999
+    )
     model = GPT2LMHeadModel(config)
     tokens = torch.randint(0, config.vocab_size, (steps * batch_size, 128), generator=torch.Generator().manual_seed(0))
     dataset = [{"input_ids": t, "labels": t} for t in tokens]
     with tempfile.TemporaryDirectory() as work:
         args = TrainingArguments(
-            output_dir=work, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=1e-3,
-            weight_decay=0.01, max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to=[],
-            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=0,
+            output_dir=work,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=1e-3,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            logging_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            seed=0,
             **({"optim": "adamw_torch_fused"} if optimizer == "adamw_torch_fused" else {}),
         )
         timer = StepTimes()
@@ -105,8 +140,12 @@ def trainer_samples_per_second(optimizer: str, steps: int, skip: int, batch_size
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toolkit", choices=["fairseq", "trainer", "both"], default="both")
-    p.add_argument("--data-bin", type=Path, default=REPO / "data/multi30k.tokenized.de-en/data-bin",
-                   help="fairseq-binarized translation data (scripts/prepare_iwslt14.py)")
+    p.add_argument(
+        "--data-bin",
+        type=Path,
+        default=REPO / "data/multi30k.tokenized.de-en/data-bin",
+        help="fairseq-binarized translation data (scripts/prepare_iwslt14.py)",
+    )
     p.add_argument("--preset", choices=sorted(MODELS), default="cpu", help="fairseq model of run_iwslt14.py")
     p.add_argument("--updates", type=int, default=60, help="fairseq updates per run (default: 60)")
     p.add_argument("--interval", type=int, default=10, help="fairseq log interval, in updates (default: 10)")
@@ -125,12 +164,23 @@ def main(argv: list[str] | None = None) -> int:
 
     benches = []
     if args.toolkit in ("fairseq", "both"):
-        benches.append(("fairseq", "words/s", ["softadam", "adam"],
-                        lambda name: fairseq_words_per_second(name, args.data_bin, args.updates, args.interval,
-                                                              args.preset)))
+        benches.append(
+            (
+                "fairseq",
+                "words/s",
+                ["softadam", "adam"],
+                lambda name: fairseq_words_per_second(name, args.data_bin, args.updates, args.interval, args.preset),
+            )
+        )
     if args.toolkit in ("trainer", "both"):
-        benches.append(("trainer", "samples/s", ["softadam", "adamw_torch_fused"],
-                        lambda name: trainer_samples_per_second(name, args.steps, args.skip, args.batch_size)))
+        benches.append(
+            (
+                "trainer",
+                "samples/s",
+                ["softadam", "adamw_torch_fused"],
+                lambda name: trainer_samples_per_second(name, args.steps, args.skip, args.batch_size),
+            )
+        )
     report = {}
     for toolkit, unit, names, measure in benches:
         runs: dict[str, list[dict]] = {name: [] for name in names}

@@ -172,9 +172,15 @@ print(time.perf_counter() - imported)
 def first_step_seconds() -> dict[str, float]:
     """Seconds from import to the end of the first fused step, in fresh processes: with an
     empty extension cache (the kernel is compiled) and again with the cache it left."""
+
     def timed(cache: str) -> float:
-        result = subprocess.run([sys.executable, "-c", FIRST_STEP], capture_output=True, text=True, check=True,
-                                env={**os.environ, "TORCH_EXTENSIONS_DIR": cache})
+        result = subprocess.run(
+            [sys.executable, "-c", FIRST_STEP],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "TORCH_EXTENSIONS_DIR": cache},
+        )
         return float(result.stdout.strip().splitlines()[-1])
 
     with tempfile.TemporaryDirectory() as cache:
@@ -184,6 +190,7 @@ def first_step_seconds() -> dict[str, float]:
 def source_commit() -> str:
     """The repository's commit, with "+changes" when tracked files outside results/ (where
     benchmark records are written) differ from it."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -211,13 +218,24 @@ def machine_description() -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="transformer",
-                        help="whose parameter shapes to step (default: transformer)")
-    parser.add_argument("--first-step", action="store_true",
-                        help="also time the fused kernel's build (empty cache) and load (warm cache) in fresh processes")
-    parser.add_argument("--vocab-size", type=int, default=10152,
-                        help="shared source/target dictionary size (default: 10152, the joined IWSLT'14 "
-                             "De-En dictionary with 10k BPE merges)")
+    parser.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="transformer",
+        help="whose parameter shapes to step (default: transformer)",
+    )
+    parser.add_argument(
+        "--first-step",
+        action="store_true",
+        help="also time the fused kernel's build (empty cache) and load (warm cache) in fresh processes",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=10152,
+        help="shared source/target dictionary size (default: 10152, the joined IWSLT'14 "
+        "De-En dictionary with 10k BPE merges)",
+    )
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: 7)")
     parser.add_argument("--steps-per-round", type=int, default=5, help="steps timed per optimizer per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first")
@@ -232,14 +250,19 @@ def main(argv: list[str] | None = None) -> int:
 
     first_step = None
     if args.first_step:
-        print("timing the fused kernel's first step in fresh processes (a cold build takes about a minute)",
-              file=sys.stderr, flush=True)
+        print(
+            "timing the fused kernel's first step in fresh processes (a cold build takes about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
         first_step = first_step_seconds()
     torch.manual_seed(0)
     shapes = WORKLOADS[args.workload](args)
     n_params = sum(math.prod(s) for s in shapes)
-    print(f"{args.workload} shapes: {n_params:,} parameters in {len(shapes)} tensors; "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{args.workload} shapes: {n_params:,} parameters in {len(shapes)} tensors; {torch.get_num_threads()} threads",
+        flush=True,
+    )
     grads = [torch.randn(s) * 1e-3 for s in shapes]
     steps = build_optimizers(shapes, grads)
     for step in steps.values():
@@ -266,24 +289,37 @@ def main(argv: list[str] | None = None) -> int:
     speedup = medians["paper per-tensor loop"] / medians["SoftAdam (default path)"]
     print(f"\ndefault SoftAdam step: {speedup:.2f}x faster than the paper's per-tensor loop")
     if first_step:
-        print(f"fused kernel before its first step: {first_step['cold_cache_build']:.1f} s to build into an "
-              f"empty cache, {first_step['warm_cache_load']:.2f} s to load from the cache")
+        print(
+            f"fused kernel before its first step: {first_step['cold_cache_build']:.1f} s to build into an "
+            f"empty cache, {first_step['warm_cache_load']:.2f} s to load from the cache"
+        )
 
     if args.json:
-        write_bench_record(args.json, "bench_optimizer.py", argv, {
-            "workload": args.workload,
-            "model": {"parameters": n_params, "tensors": len(shapes),
-                      **({"name": "transformer_iwslt_de_en", "vocab_size": args.vocab_size}
-                         if args.workload == "transformer" else {})},
-            "rounds": args.rounds,
-            "steps_per_round": args.steps_per_round,
-            "softadam_default_path": default_path,
-            "median_ms_per_step": medians,
-            "ratio_to_fused_adamw": {k: v / reference for k, v in medians.items()},
-            "default_speedup_over_paper_loop": speedup,
-            "fused_first_step_seconds": first_step,
-            "per_round_ms": times,
-        })
+        write_bench_record(
+            args.json,
+            "bench_optimizer.py",
+            argv,
+            {
+                "workload": args.workload,
+                "model": {
+                    "parameters": n_params,
+                    "tensors": len(shapes),
+                    **(
+                        {"name": "transformer_iwslt_de_en", "vocab_size": args.vocab_size}
+                        if args.workload == "transformer"
+                        else {}
+                    ),
+                },
+                "rounds": args.rounds,
+                "steps_per_round": args.steps_per_round,
+                "softadam_default_path": default_path,
+                "median_ms_per_step": medians,
+                "ratio_to_fused_adamw": {k: v / reference for k, v in medians.items()},
+                "default_speedup_over_paper_loop": speedup,
+                "fused_first_step_seconds": first_step,
+                "per_round_ms": times,
+            },
+        )
     return 0
 
 

@@ -83,8 +83,9 @@ def summarize(experiment: str, records_dir: Path, out: Path) -> str:
     """The Table-shaped summary and the training curves (one validation point per run is
     all a demo this short has, so the curve is the logged training loss)."""
     records = load_records(records_dir)
-    plot = plot_train_curves(records, out / f"{experiment}_train_loss.png", f"make demo: {experiment}",
-                             LOSS_UNITS[experiment])
+    plot = plot_train_curves(
+        records, out / f"{experiment}_train_loss.png", f"make demo: {experiment}", LOSS_UNITS[experiment]
+    )
     return f"{markdown_table(records, experiment)}\nCurves: {plot}\n"
 
 
@@ -117,31 +118,62 @@ def main(argv: list[str] | None = None) -> int:
             for optimizer in OPTIMIZERS["ptb"]:
                 timings[f"ptb {optimizer}"] = run_step(
                     f"Table 2 pipeline (Trainer, AWD-LSTM on PTB): {optimizer}",
-                    [sys.executable, "hf_examples/run_language_modeling.py", *data, "--optimizer", optimizer,
-                     "--preset", args.preset, "--results", str(args.out / "ptb"),
-                     "--output-dir", str(args.out / "work" / "ptb" / optimizer), *(["--force"] if args.fresh else [])])
-            summaries.append("## Table 2 shape: PTB language model (Trainer)\n\n"
-                             + summarize("ptb", args.out / "ptb", args.out))
+                    [
+                        sys.executable,
+                        "hf_examples/run_language_modeling.py",
+                        *data,
+                        "--optimizer",
+                        optimizer,
+                        "--preset",
+                        args.preset,
+                        "--results",
+                        str(args.out / "ptb"),
+                        "--output-dir",
+                        str(args.out / "work" / "ptb" / optimizer),
+                        *(["--force"] if args.fresh else []),
+                    ],
+                )
+            summaries.append(
+                "## Table 2 shape: PTB language model (Trainer)\n\n" + summarize("ptb", args.out / "ptb", args.out)
+            )
         if "iwslt14" in args.experiments:
             data_bin = translation_data(args, timings)
             for optimizer in OPTIMIZERS["iwslt14"]:
                 timings[f"iwslt14 {optimizer}"] = run_step(
                     f"Table 3 pipeline (fairseq, transformer): {optimizer}",
-                    [sys.executable, "scripts/run_iwslt14.py", "--optimizer", optimizer, "--preset", args.preset,
-                     "--data-bin", str(data_bin), "--results", str(args.out / "iwslt14"),
-                     "--work-dir", str(args.out / "work" / "iwslt14"), *(["--force"] if args.fresh else [])])
-            summaries.append("## Table 3 shape: De-En translation (fairseq)\n\n"
-                             + summarize("iwslt14", args.out / "iwslt14", args.out))
+                    [
+                        sys.executable,
+                        "scripts/run_iwslt14.py",
+                        "--optimizer",
+                        optimizer,
+                        "--preset",
+                        args.preset,
+                        "--data-bin",
+                        str(data_bin),
+                        "--results",
+                        str(args.out / "iwslt14"),
+                        "--work-dir",
+                        str(args.out / "work" / "iwslt14"),
+                        *(["--force"] if args.fresh else []),
+                    ],
+                )
+            summaries.append(
+                "## Table 3 shape: De-En translation (fairseq)\n\n"
+                + summarize("iwslt14", args.out / "iwslt14", args.out)
+            )
     except (DemoFailed, FileNotFoundError) as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
     total = time.time() - started
     ran = "\n".join(f"- {step}: {seconds:.0f} s" for step, seconds in timings.items())
-    summary = ("# make demo\n\nA smoke-scale run of both pipelines: the numbers show that everything "
-               "works end to end, not how the optimizers compare (see docs/RESULTS.md).\n\n"
-               + "\n".join(summaries) + "\n## Wall time\n\nEach run, from its record (training + evaluation):\n\n"
-               + "\n".join(record_times(args.out, args.experiments))
-               + f"\n\nThis invocation, step by step (a reused run takes seconds):\n\n{ran}\n- total: {total:.0f} s\n")
+    summary = (
+        "# make demo\n\nA smoke-scale run of both pipelines: the numbers show that everything "
+        "works end to end, not how the optimizers compare (see docs/RESULTS.md).\n\n"
+        + "\n".join(summaries)
+        + "\n## Wall time\n\nEach run, from its record (training + evaluation):\n\n"
+        + "\n".join(record_times(args.out, args.experiments))
+        + f"\n\nThis invocation, step by step (a reused run takes seconds):\n\n{ran}\n- total: {total:.0f} s\n"
+    )
     (args.out / "summary.md").write_text(summary)
     print("\n" + summary + f"\nWritten: {args.out / 'summary.md'}, curves and records under {args.out}")
     return 0

@@ -47,8 +47,8 @@ EXPECTED = {
     "multi30k": {"train": 29_000, "valid": 1_014, "test": 1_000},
 }
 SRC, TGT = "de", "en"
-IWSLT_FILES = [f"train.tags.de-en.{l}" for l in (SRC, TGT)] + [
-    f"{name}.de-en.{l}.xml" for name in tr.IWSLT14_TEST_SETS for l in (SRC, TGT)
+IWSLT_FILES = [f"train.tags.de-en.{lang}" for lang in (SRC, TGT)] + [
+    f"{name}.de-en.{lang}.xml" for name in tr.IWSLT14_TEST_SETS for lang in (SRC, TGT)
 ]
 
 
@@ -82,8 +82,11 @@ def download(url: str, dest: Path, sha256: str | None) -> Path:
                     out.write(block)
                     done += len(block)
                     if total:
-                        print(f"\rdownloading {dest.name}: {done / 2**20:6.1f} / {total / 2**20:.1f} MiB",
-                              end="", flush=True)
+                        print(
+                            f"\rdownloading {dest.name}: {done / 2**20:6.1f} / {total / 2**20:.1f} MiB",
+                            end="",
+                            flush=True,
+                        )
             print(flush=True)
     except (urllib.error.URLError, OSError) as error:
         raise PreparationError(
@@ -106,8 +109,9 @@ def locate_iwslt_files(raw: Path, work: Path) -> Path:
             with tarfile.open(raw) as archive:
                 archive.extractall(work, filter="data")
         except (tarfile.TarError, EOFError, OSError) as error:
-            raise PreparationError(f"{raw} is not a readable .tgz archive ({error}); delete it and "
-                                   "download it again") from None
+            raise PreparationError(
+                f"{raw} is not a readable .tgz archive ({error}); delete it and download it again"
+            ) from None
         raw = work
     for folder in [raw, *sorted(p for p in raw.rglob("*") if p.is_dir())]:
         if (folder / IWSLT_FILES[0]).is_file():
@@ -125,16 +129,20 @@ def read(path: Path) -> list[str]:
 
 
 def iwslt_splits(folder: Path) -> dict[str, dict[str, list[str]]]:
-    tokenized = {l: tr.moses_tokenize(tr.strip_train_tags(read(folder / f"train.tags.de-en.{l}")), l)
-                 for l in (SRC, TGT)}
+    tokenized = {
+        lang: tr.moses_tokenize(tr.strip_train_tags(read(folder / f"train.tags.de-en.{lang}")), lang)
+        for lang in (SRC, TGT)
+    }
     clean_src, clean_tgt = tr.clean_parallel(tokenized[SRC], tokenized[TGT], 1, 175, 1.5)
     splits: dict[str, dict[str, list[str]]] = {"train": {}, "valid": {}, "test": {}}
     for lang, lines in ((SRC, clean_src), (TGT, clean_tgt)):
         splits["train"][lang], splits["valid"][lang] = tr.split_every(tr.lowercase(lines), 23)
         splits["test"][lang] = [
-            line for name in tr.IWSLT14_TEST_SETS
-            for line in tr.lowercase(tr.moses_tokenize(
-                tr.extract_xml_segments(read(folder / f"{name}.de-en.{lang}.xml")), lang))
+            line
+            for name in tr.IWSLT14_TEST_SETS
+            for line in tr.lowercase(
+                tr.moses_tokenize(tr.extract_xml_segments(read(folder / f"{name}.de-en.{lang}.xml")), lang)
+            )
         ]
     return splits
 
@@ -188,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--download-dir", type=Path, default=Path("data/orig"), help="where the archive is fetched")
     p.add_argument("--sha256", default=IWSLT14_SHA256, help="expected SHA-256 of the downloaded archive")
     p.add_argument("--bpe-merges", type=int, default=10_000)
-    p.add_argument("--expected-sizes", default=None, metavar="TRAIN,VALID,TEST",
-                   help="pair counts the result must have (default: the corpus' published sizes)")
+    p.add_argument(
+        "--expected-sizes",
+        default=None,
+        metavar="TRAIN,VALID,TEST",
+        help="pair counts the result must have (default: the corpus' published sizes)",
+    )
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="fairseq-preprocess workers")
     p.add_argument("--force", action="store_true", help="redo even if OUT/manifest.json says it is done")
     args = p.parse_args(argv)
@@ -229,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             if len(pair[SRC]) != len(pair[TGT]):
                 raise PreparationError(f"{split}: {len(pair[SRC])} source vs {len(pair[TGT])} target lines")
         if sizes != expected:
-            raise PreparationError(f"sizes {sizes} differ from the expected {expected}: the input is not the "
-                                   "expected corpus version, or a step differs from the reference recipe")
+            raise PreparationError(
+                f"sizes {sizes} differ from the expected {expected}: the input is not the "
+                "expected corpus version, or a step differs from the reference recipe"
+            )
 
         print(f"learning {args.bpe_merges:,} joint BPE merges ...", flush=True)
         codes = tr.learn_joint_bpe(splits["train"][SRC], splits["train"][TGT], args.bpe_merges)
@@ -244,16 +258,31 @@ def main(argv: list[str] | None = None) -> int:
         staging = out / "data-bin.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         subprocess.run(
-            [fairseq_tool("fairseq-preprocess"), "--source-lang", SRC, "--target-lang", TGT,
-             "--trainpref", str(out / "train"), "--validpref", str(out / "valid"), "--testpref", str(out / "test"),
-             "--destdir", str(staging), "--workers", str(args.workers)],
+            [
+                fairseq_tool("fairseq-preprocess"),
+                "--source-lang",
+                SRC,
+                "--target-lang",
+                TGT,
+                "--trainpref",
+                str(out / "train"),
+                "--validpref",
+                str(out / "valid"),
+                "--testpref",
+                str(out / "test"),
+                "--destdir",
+                str(staging),
+                "--workers",
+                str(args.workers),
+            ],
             check=True,
         )
         shutil.rmtree(data_bin, ignore_errors=True)
         staging.replace(data_bin)
         staged_manifest = manifest.with_name(manifest.name + ".tmp")
-        staged_manifest.write_text(json.dumps({"settings": settings, "sizes": sizes, "data_bin": str(data_bin)},
-                                              indent=2) + "\n")
+        staged_manifest.write_text(
+            json.dumps({"settings": settings, "sizes": sizes, "data_bin": str(data_bin)}, indent=2) + "\n"
+        )
         staged_manifest.replace(manifest)
     except PreparationError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -9,8 +9,8 @@ get a row per schedule), with the paper's figures in adjacent columns; the plot 
 validation perplexity per epoch, mean over seeds. Several --records folders are pooled:
 
     python scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/eta_schedule/ptb
---by-lr tabulates a learning-rate sweep (and --plot draws it against the rate); --heatmap PNG tabulates and draws SoftAdam's
-eta x learning-rate sensitivity grid:
+--by-lr tabulates a learning-rate sweep (and --plot draws it against the rate); --heatmap PNG
+tabulates and draws SoftAdam's eta x learning-rate sensitivity grid:
 
     python scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_eta_lr \
         --heatmap docs/figures/ptb_softadam_eta_lr.png
@@ -29,37 +29,65 @@ import sys
 from pathlib import Path
 
 from softadam_nlp.experiments.reporting import (
-    COLUMNS, load_records, markdown_table, per_seed_table, plot_lr_sweep, plot_sensitivity_heatmap,
-    plot_valid_curves, sensitivity_table,
+    COLUMNS,
+    load_records,
+    markdown_table,
+    per_seed_table,
+    plot_lr_sweep,
+    plot_sensitivity_heatmap,
+    plot_valid_curves,
+    sensitivity_table,
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", choices=sorted(COLUMNS), required=True)
-    p.add_argument("--records", type=Path, nargs="+", required=True,
-                   help="folders of run records (*.json, searched recursively), pooled")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="write the curves to this PNG (with --by-lr: the metric against the learning rate)")
+    p.add_argument(
+        "--records",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="folders of run records (*.json, searched recursively), pooled",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="write the curves to this PNG (with --by-lr: the metric against the learning rate)",
+    )
     p.add_argument("--title", default=None)
     p.add_argument("--by-lr", action="store_true", help="one row per optimizer and learning rate (an lr sweep)")
-    p.add_argument("--heatmap", type=Path, default=None,
-                   help="SoftAdam's eta x lr grid: print it and draw it to this PNG (instead of the table)")
+    p.add_argument(
+        "--heatmap",
+        type=Path,
+        default=None,
+        help="SoftAdam's eta x lr grid: print it and draw it to this PNG (instead of the table)",
+    )
     p.add_argument("--optimizer", default=None, help="only this optimizer's records (e.g. softadam)")
-    p.add_argument("--per-seed", metavar="BASELINE", default=None,
-                   help="also print a table per seed with each run's difference from BASELINE's run of the same "
-                        "seed (a row label of the main table, e.g. softadam)")
+    p.add_argument(
+        "--per-seed",
+        metavar="BASELINE",
+        default=None,
+        help="also print a table per seed with each run's difference from BASELINE's run of the same "
+        "seed (a row label of the main table, e.g. softadam)",
+    )
     args = p.parse_args(argv)
-    records = [r for folder in args.records for r in load_records(folder)
-               if r.get("experiment", args.experiment) == args.experiment
-               and args.optimizer in (None, r.get("optimizer"))]
+    records = [
+        r
+        for folder in args.records
+        for r in load_records(folder)
+        if r.get("experiment", args.experiment) == args.experiment and args.optimizer in (None, r.get("optimizer"))
+    ]
     if not records:
         only = f" {args.optimizer}" if args.optimizer else ""
         print(f"error: no {args.experiment}{only} records under {' '.join(map(str, args.records))}", file=sys.stderr)
         return 2
     if args.heatmap:
         print(sensitivity_table(records))
-        plot_sensitivity_heatmap(records, args.heatmap, args.title or f"{args.experiment}: SoftAdam validation perplexity")
+        plot_sensitivity_heatmap(
+            records, args.heatmap, args.title or f"{args.experiment}: SoftAdam validation perplexity"
+        )
         print(f"heatmap: {args.heatmap}")
         return 0
     print(markdown_table(records, args.experiment, by_lr=args.by_lr))

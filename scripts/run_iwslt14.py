@@ -32,30 +32,99 @@ from pathlib import Path
 
 import torch
 
-from softadam_nlp.experiments.fairseq_runs import (
-    average_checkpoints, check_fairseq_command, checkpoints_to_average, detokenized_bleu, divergence, epoch_curves, fairseq_tool,
-    finished_updates, parse_fairseq_log, parse_generate_output, progress_line, recover_last_checkpoint, train_curve,
-)
 from softadam_nlp.eta_schedule import TOOLKIT_ETA_SCHEDULES, eta_schedule_cli_error
-from softadam_nlp.experiments.records import default_results, record_path as make_record_path, write_record
+from softadam_nlp.experiments.fairseq_runs import (
+    average_checkpoints,
+    check_fairseq_command,
+    checkpoints_to_average,
+    detokenized_bleu,
+    divergence,
+    epoch_curves,
+    fairseq_tool,
+    finished_updates,
+    parse_fairseq_log,
+    parse_generate_output,
+    progress_line,
+    recover_last_checkpoint,
+    train_curve,
+)
+from softadam_nlp.experiments.records import default_results, write_record
+from softadam_nlp.experiments.records import record_path as make_record_path
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "fairseq_plugins"
 
 MODELS = {
     "paper": ["--arch", "transformer_iwslt_de_en", "--share-decoder-input-output-embed", "--dropout", "0.3"],
-    "cpu": ["--arch", "transformer", "--share-decoder-input-output-embed", "--dropout", "0.3",
-            "--encoder-layers", "3", "--decoder-layers", "3", "--encoder-embed-dim", "256",
-            "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
-            "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
-    "demo": ["--arch", "transformer", "--share-decoder-input-output-embed", "--dropout", "0.1",
-             "--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "128",
-             "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512",
-             "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
-    "tiny": ["--arch", "transformer", "--share-decoder-input-output-embed", "--dropout", "0.1",
-             "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32",
-             "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
-             "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"],
+    "cpu": [
+        "--arch",
+        "transformer",
+        "--share-decoder-input-output-embed",
+        "--dropout",
+        "0.3",
+        "--encoder-layers",
+        "3",
+        "--decoder-layers",
+        "3",
+        "--encoder-embed-dim",
+        "256",
+        "--decoder-embed-dim",
+        "256",
+        "--encoder-ffn-embed-dim",
+        "1024",
+        "--decoder-ffn-embed-dim",
+        "1024",
+        "--encoder-attention-heads",
+        "4",
+        "--decoder-attention-heads",
+        "4",
+    ],
+    "demo": [
+        "--arch",
+        "transformer",
+        "--share-decoder-input-output-embed",
+        "--dropout",
+        "0.1",
+        "--encoder-layers",
+        "2",
+        "--decoder-layers",
+        "2",
+        "--encoder-embed-dim",
+        "128",
+        "--decoder-embed-dim",
+        "128",
+        "--encoder-ffn-embed-dim",
+        "512",
+        "--decoder-ffn-embed-dim",
+        "512",
+        "--encoder-attention-heads",
+        "4",
+        "--decoder-attention-heads",
+        "4",
+    ],
+    "tiny": [
+        "--arch",
+        "transformer",
+        "--share-decoder-input-output-embed",
+        "--dropout",
+        "0.1",
+        "--encoder-layers",
+        "1",
+        "--decoder-layers",
+        "1",
+        "--encoder-embed-dim",
+        "32",
+        "--decoder-embed-dim",
+        "32",
+        "--encoder-ffn-embed-dim",
+        "64",
+        "--decoder-ffn-embed-dim",
+        "64",
+        "--encoder-attention-heads",
+        "2",
+        "--decoder-attention-heads",
+        "2",
+    ],
 }
 # Max updates, max tokens per batch, warmup updates of AdamW/SGD, epoch checkpoints averaged,
 # beam size for the test set (demo: greedy, since beam search over 1,000 sentences from a
@@ -69,12 +138,21 @@ BUDGET = {
     "tiny": {"max_update": 30, "max_tokens": 1000, "warmup": 5, "average_last": 2, "beam": 5},
 }
 OPTIMIZERS = {  # per optimizer: fairseq options and the default learning rate per preset
-    "softadam": {"args": ["--optimizer", "softadam", "--softadam-eta", "1.0", "--weight-decay", "0.0001"],
-                 "lr": {"paper": 0.5, "cpu": 0.5, "demo": 0.5, "tiny": 1.0}, "warmup": False},
-    "adamw": {"args": ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.0001"],
-              "lr": {"paper": 5e-4, "cpu": 1e-3, "demo": 3e-3, "tiny": 3e-3}, "warmup": True},
-    "sgd": {"args": ["--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "0.0001"],
-            "lr": {"paper": 0.3, "cpu": 0.1, "demo": 0.3, "tiny": 0.3}, "warmup": True},
+    "softadam": {
+        "args": ["--optimizer", "softadam", "--softadam-eta", "1.0", "--weight-decay", "0.0001"],
+        "lr": {"paper": 0.5, "cpu": 0.5, "demo": 0.5, "tiny": 1.0},
+        "warmup": False,
+    },
+    "adamw": {
+        "args": ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.0001"],
+        "lr": {"paper": 5e-4, "cpu": 1e-3, "demo": 3e-3, "tiny": 3e-3},
+        "warmup": True,
+    },
+    "sgd": {
+        "args": ["--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "0.0001"],
+        "lr": {"paper": 0.3, "cpu": 0.1, "demo": 0.3, "tiny": 0.3},
+        "warmup": True,
+    },
 }
 
 
@@ -95,14 +173,42 @@ def train_command(args: argparse.Namespace, save_dir: Path, log_file: Path) -> l
         optimizer_args += ["--softadam-eta-schedule", args.eta_schedule, "--softadam-eta-end", str(args.eta_end)]
     warmup = args.warmup if args.warmup is not None else budget["warmup"] if spec["warmup"] else 0
     return [
-        fairseq_tool("fairseq-train"), str(args.data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
-        *MODELS[args.preset], *optimizer_args, "--lr", str(lr),
-        "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(warmup),
-        "--total-num-update", str(max_update), "--max-update", str(max_update),
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--max-tokens", str(budget["max_tokens"]), "--seed", str(args.seed),
-        "--save-dir", str(save_dir), "--keep-last-epochs", str(args.average_last),
-        "--log-format", "json", "--log-interval", str(max(1, min(50, max_update // 10))), "--log-file", str(log_file),
+        fairseq_tool("fairseq-train"),
+        str(args.data_bin),
+        "--user-dir",
+        str(PLUGIN),
+        "--task",
+        "translation",
+        *MODELS[args.preset],
+        *optimizer_args,
+        "--lr",
+        str(lr),
+        "--lr-scheduler",
+        "polynomial_decay",
+        "--warmup-updates",
+        str(warmup),
+        "--total-num-update",
+        str(max_update),
+        "--max-update",
+        str(max_update),
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--max-tokens",
+        str(budget["max_tokens"]),
+        "--seed",
+        str(args.seed),
+        "--save-dir",
+        str(save_dir),
+        "--keep-last-epochs",
+        str(args.average_last),
+        "--log-format",
+        "json",
+        "--log-interval",
+        str(max(1, min(50, max_update // 10))),
+        "--log-file",
+        str(log_file),
         *device_flags(),
     ]
 
@@ -137,19 +243,52 @@ def run(command: list[str], show_progress: bool = False) -> str:
 
 
 def validate_command(args: argparse.Namespace, checkpoint: Path) -> list[str]:
-    return [fairseq_tool("fairseq-validate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--task", "translation",
-            "--path", str(checkpoint), "--valid-subset", "valid", "--max-tokens", "4096",
-            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--log-format", "json", *device_flags()]
+    return [
+        fairseq_tool("fairseq-validate"),
+        str(args.data_bin),
+        "--user-dir",
+        str(PLUGIN),
+        "--task",
+        "translation",
+        "--path",
+        str(checkpoint),
+        "--valid-subset",
+        "valid",
+        "--max-tokens",
+        "4096",
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--log-format",
+        "json",
+        *device_flags(),
+    ]
 
 
 def generate_command(args: argparse.Namespace, checkpoint: Path) -> list[str]:
     # Outputs are capped at 1.2 x source + 10 tokens: a weak model's degenerate
     # 200-token beams otherwise dominate the CPU time; real translations fit easily.
-    return [fairseq_tool("fairseq-generate"), str(args.data_bin), "--user-dir", str(PLUGIN), "--path", str(checkpoint),
-            "--beam", str(BUDGET[args.preset]["beam"]), "--remove-bpe", "--max-len-a", "1.2", "--max-len-b", "10",
-            "--batch-size", "128", "--required-batch-size-multiple", "1",
-            *device_flags()]
+    return [
+        fairseq_tool("fairseq-generate"),
+        str(args.data_bin),
+        "--user-dir",
+        str(PLUGIN),
+        "--path",
+        str(checkpoint),
+        "--beam",
+        str(BUDGET[args.preset]["beam"]),
+        "--remove-bpe",
+        "--max-len-a",
+        "1.2",
+        "--max-len-b",
+        "10",
+        "--batch-size",
+        "128",
+        "--required-batch-size-multiple",
+        "1",
+        *device_flags(),
+    ]
 
 
 def validate(args: argparse.Namespace, checkpoint: Path) -> dict:
@@ -161,8 +300,11 @@ def dry_run(args: argparse.Namespace, work: Path) -> int:
     """Print the run's fairseq command lines after the installed fairseq's own parsers
     have accepted them (a GPU job should not fail on a typo after its queue wait)."""
     averaged = work / "checkpoint_averaged.pt"
-    commands = [train_command(args, work / "checkpoints", work / "train.log"),
-                validate_command(args, averaged), generate_command(args, averaged)]
+    commands = [
+        train_command(args, work / "checkpoints", work / "train.log"),
+        validate_command(args, averaged),
+        generate_command(args, averaged),
+    ]
     for command in commands:
         try:
             check_fairseq_command(command)
@@ -172,8 +314,10 @@ def dry_run(args: argparse.Namespace, work: Path) -> int:
         print(shlex.join(command))
     import fairseq
 
-    print(f"# {len(commands)} commands accepted by fairseq {fairseq.__version__}'s parsers; "
-          f"then checkpoint averaging over the last {args.average_last} epochs and sacreBLEU")
+    print(
+        f"# {len(commands)} commands accepted by fairseq {fairseq.__version__}'s parsers; "
+        f"then checkpoint averaging over the last {args.average_last} epochs and sacreBLEU"
+    )
     return 0
 
 
@@ -185,19 +329,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-bin", type=Path, default=Path("data/iwslt14.tokenized.de-en/data-bin"))
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--eta", type=float, default=None, help="SoftAdam's eta (default: 1.0, the paper's)")
-    p.add_argument("--eta-schedule", choices=TOOLKIT_ETA_SCHEDULES, default="constant",
-                   help="SoftAdam: move eta from --eta to --eta-end over the run (default: constant)")
-    p.add_argument("--eta-end", type=float, default=None, help="SoftAdam: eta at the end of a linear or cosine --eta-schedule")
+    p.add_argument(
+        "--eta-schedule",
+        choices=TOOLKIT_ETA_SCHEDULES,
+        default="constant",
+        help="SoftAdam: move eta from --eta to --eta-end over the run (default: constant)",
+    )
+    p.add_argument(
+        "--eta-end", type=float, default=None, help="SoftAdam: eta at the end of a linear or cosine --eta-schedule"
+    )
     p.add_argument("--max-update", type=int, default=None, help="override the preset's budget")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="warmup updates (default: the preset's for AdamW and SGD, none for SoftAdam)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warmup updates (default: the preset's for AdamW and SGD, none for SoftAdam)",
+    )
     p.add_argument("--average-last", type=int, default=None, help="epoch checkpoints to average (preset's default)")
-    p.add_argument("--results", type=Path, default=None,
-                   help="folder for the run's record (default: results/<preset>/iwslt14)")
+    p.add_argument(
+        "--results", type=Path, default=None, help="folder for the run's record (default: results/<preset>/iwslt14)"
+    )
     p.add_argument("--work-dir", type=Path, default=Path("runs/iwslt14"), help="checkpoints and logs")
     p.add_argument("--force", action="store_true", help="rerun even if the record exists")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the fairseq command lines with fairseq's parsers and print them; run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the fairseq command lines with fairseq's parsers and print them; run nothing",
+    )
     args = p.parse_args(argv)
     if args.eta is not None and (args.optimizer != "softadam" or args.eta < 0):
         p.error("--eta is SoftAdam's and must be >= 0")
@@ -239,10 +397,15 @@ def main(argv: list[str] | None = None) -> int:
             diverged = divergence(parse_fairseq_log(log))
             if diverged is None and "gradients are Nan/Inf" not in failure.stderr:
                 raise
-            where = (f": loss {diverged['loss']} at update {diverged['num_updates']} (lr {diverged['lr']})"
-                     if diverged else " (non-finite gradients)")
-            print(f"error: training diverged{where}; no record written. Try a lower --lr. "
-                  f"Log: {work / 'train.log'}", file=sys.stderr)
+            where = (
+                f": loss {diverged['loss']} at update {diverged['num_updates']} (lr {diverged['lr']})"
+                if diverged
+                else " (non-finite gradients)"
+            )
+            print(
+                f"error: training diverged{where}; no record written. Try a lower --lr. Log: {work / 'train.log'}",
+                file=sys.stderr,
+            )
             return 3
     else:
         print(f"training already finished in {work}: evaluating", flush=True)
@@ -257,17 +420,29 @@ def main(argv: list[str] | None = None) -> int:
     ids = sorted(generated["refs"])
     sacre = detokenized_bleu([generated["hyps"][i] for i in ids], [generated["refs"][i] for i in ids], "en")
     record = {
-        "experiment": "iwslt14", "preset": args.preset, "optimizer": args.optimizer, "seed": args.seed,
-        "data_bin": str(args.data_bin), "command": command, "generate_command": generation,
-        "epochs": curve, "train_curve": train_curve(log), "averaged_checkpoints": [c.name for c in checkpoints],
-        **valid, "test_sentences": len(ids), "tokenized_bleu": generated["tokenized_bleu"], **sacre,
+        "experiment": "iwslt14",
+        "preset": args.preset,
+        "optimizer": args.optimizer,
+        "seed": args.seed,
+        "data_bin": str(args.data_bin),
+        "command": command,
+        "generate_command": generation,
+        "epochs": curve,
+        "train_curve": train_curve(log),
+        "averaged_checkpoints": [c.name for c in checkpoints],
+        **valid,
+        "test_sentences": len(ids),
+        "tokenized_bleu": generated["tokenized_bleu"],
+        **sacre,
         # training wall time, summed over resumed processes (epoch_curves), then this evaluation
         "train_seconds": curve[-1].get("wall_seconds") if curve else None,
         "eval_seconds": time.time() - eval_started,
     }
     write_record(record_path, record)
-    print(f"{name}: valid ppl {valid['valid_ppl']:.2f}, test BLEU {generated['tokenized_bleu']:.2f} (tokenized), "
-          f"sacreBLEU {sacre['sacrebleu']:.2f} -> {record_path}")
+    print(
+        f"{name}: valid ppl {valid['valid_ppl']:.2f}, test BLEU {generated['tokenized_bleu']:.2f} (tokenized), "
+        f"sacreBLEU {sacre['sacrebleu']:.2f} -> {record_path}"
+    )
     return 0
 
 

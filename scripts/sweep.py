@@ -58,20 +58,34 @@ class Run:
 
 
 def grid(experiment: str, optimizer: str, lrs: list[float], etas: list[float] | None, seeds: list[int]) -> list[Run]:
-    return [Run(experiment, optimizer, lr, eta, seed)
-            for eta, lr, seed in itertools.product(etas or [None], lrs, seeds)]
+    return [
+        Run(experiment, optimizer, lr, eta, seed) for eta, lr, seed in itertools.product(etas or [None], lrs, seeds)
+    ]
 
 
 def command(run: Run, results: Path, work: Path, passthrough: list[str]) -> list[str]:
     work_dir = work / run.setting / f"seed{run.seed}"
-    return [sys.executable, SCRIPTS[run.experiment], "--optimizer", run.optimizer, "--seed", str(run.seed),
-            "--lr", f"{run.lr:g}", *(["--eta", f"{run.eta:g}"] if run.eta is not None else []),
-            "--results", str(results / run.setting), WORK_OPTION[run.experiment], str(work_dir), *passthrough]
+    return [
+        sys.executable,
+        SCRIPTS[run.experiment],
+        "--optimizer",
+        run.optimizer,
+        "--seed",
+        str(run.seed),
+        "--lr",
+        f"{run.lr:g}",
+        *(["--eta", f"{run.eta:g}"] if run.eta is not None else []),
+        "--results",
+        str(results / run.setting),
+        WORK_OPTION[run.experiment],
+        str(work_dir),
+        *passthrough,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=sorted(SCRIPTS))
@@ -91,11 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or REPO / "runs" / "sweeps" / args.results.name
     runs = grid(args.experiment, args.optimizer, args.lr, args.eta, args.seeds)
     pending = [r for r in runs if not record_path(args.results / r.setting, r.optimizer, r.seed).exists()]
-    print(f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to go "
-          f"({args.jobs} at a time); records under {args.results}", flush=True)
+    print(
+        f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to go "
+        f"({args.jobs} at a time); records under {args.results}",
+        flush=True,
+    )
     if args.dry_run:
         for run in runs:
-            print(("pending  " if run in pending else "finished ") + " ".join(command(run, args.results, work, passthrough)))
+            print(
+                ("pending  " if run in pending else "finished ")
+                + " ".join(command(run, args.results, work, passthrough))
+            )
         return 0
 
     environment = dict(os.environ, PYTHONPATH=str(REPO), **({"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {}))
@@ -108,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             log = work / run.setting / f"seed{run.seed}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "a") as out:
-                process = subprocess.Popen(command(run, args.results, work, passthrough), cwd=REPO, env=environment,
-                                           stdout=out, stderr=subprocess.STDOUT)
+                process = subprocess.Popen(
+                    command(run, args.results, work, passthrough),
+                    cwd=REPO,
+                    env=environment,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             running[process] = (run, time.time(), log)
             print(f"{time.strftime('%H:%M:%S')} start {run.name} (log {log})", flush=True)
         time.sleep(2)
@@ -120,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{time.strftime('%H:%M:%S')} done  {run.name} in {minutes:.1f} min", flush=True)
             else:
                 failed.append((run, process.returncode, log))
-                print(f"{time.strftime('%H:%M:%S')} FAILED {run.name} (exit {process.returncode}"
-                      f"{', diverged' if process.returncode == 3 else ''}; see {log})", flush=True)
+                print(
+                    f"{time.strftime('%H:%M:%S')} FAILED {run.name} (exit {process.returncode}"
+                    f"{', diverged' if process.returncode == 3 else ''}; see {log})",
+                    flush=True,
+                )
     for run, code, log in failed:
         print(f"failed: {run.name} exit {code} ({log})", file=sys.stderr)
     return 1 if failed else 0

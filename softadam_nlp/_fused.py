@@ -1,20 +1,20 @@
-"""The fused CPU kernel (``csrc/fused_softadam_cpu.cpp``): built on first use, cached on disk.
+"""The fused CPU kernel (`csrc/fused_softadam_cpu.cpp`): built on first use, cached on disk.
 
-The kernel is compiled with the system C++ compiler by ``torch.utils.cpp_extension.load``
+The kernel is compiled with the system C++ compiler by `torch.utils.cpp_extension.load`
 the first time a fused step runs (25 s on the 2-core build machine, docs/RESULTS.md),
-into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``); later processes load the cached library in about a
-second. ``make setup`` builds it ahead of time. Building on first use rather than at
-``pip install`` keeps installation free of a build-time torch (pip's build isolation
+into torch's extension cache (`$TORCH_EXTENSIONS_DIR`, default
+`~/.cache/torch_extensions`); later processes load the cached library in about a
+second. `make setup` builds it ahead of time. Building on first use rather than at
+`pip install` keeps installation free of a build-time torch (pip's build isolation
 would fetch one).
 
 The build is keyed by what goes into it: the source's content, the compiler flags, the
-torch and Python versions (:func:`kernel_build_name`). The source is built from a copy
+torch and Python versions (`kernel_build_name`). The source is built from a copy
 kept in the build's own folder, so every copy of the package on a machine (two
 checkouts, an installed copy beside an editable one) shares one build, while a changed
 kernel gets a build of its own and never loads a stale library.
 
-Where no compiler is available the build fails once, :func:`fused_cpu_kernel` warns and
+Where no compiler is available the build fails once, `fused_cpu_kernel` warns and
 returns None, and SoftAdam keeps to its per-tensor and foreach executions.
 """
 
@@ -112,5 +112,5 @@ def fused_cpu_kernel(verbose: bool = False) -> Optional[ModuleType]:
 
 def fused_cpu_unavailable_reason() -> Optional[str]:
     """Why the kernel is unavailable ("could not be built (...)", "is disabled (...)")
-    after :func:`fused_cpu_kernel` returned None; None otherwise."""
+    after `fused_cpu_kernel` returned None; None otherwise."""
     return _failure

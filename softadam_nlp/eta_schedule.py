@@ -1,23 +1,23 @@
 r"""Schedules on SoftAdam's eta: Adam-like early and SGD-like late, or the other way.
 
 The paper's conclusion: "SoftAdam now also makes it possible to create a learning
-schedule on eta". :class:`EtaScheduler` sets ``eta`` of every parameter group per
-optimizer step, with the interface of ``torch.optim.lr_scheduler.LRScheduler``
-(``step``, ``state_dict``, ``load_state_dict``, ``last_epoch``), so it runs beside an
-lr scheduler and resumes from a checkpoint. :class:`WithEtaSchedule` steps an lr
+schedule on eta". `EtaScheduler` sets `eta` of every parameter group per
+optimizer step, with the interface of `torch.optim.lr_scheduler.LRScheduler`
+(`step`, `state_dict`, `load_state_dict`, `last_epoch`), so it runs beside an
+lr scheduler and resumes from a checkpoint. `WithEtaSchedule` steps an lr
 schedule and an eta schedule as one scheduler object, for trainers that take one
 (transformers' Trainer).
 
-Schedules, for step :math:`t` (optimizer steps taken so far) of ``total_steps``, with
-:math:`p = \min(t, T)/T`:
+Schedules, for step $t$ (optimizer steps taken so far) of `total_steps`, with
+$p = \min(t, T)/T$:
 
-- ``constant``: :math:`\eta_0`;
-- ``linear``: :math:`\eta_0 + (\eta_1 - \eta_0)\,p`;
-- ``cosine``: :math:`\eta_1 + (\eta_0 - \eta_1)(1 + \cos \pi p)/2`;
-- ``steps``: ``etas[i]`` from step ``milestones[i]`` on (:math:`\eta_0` before the first).
+- `constant`: $\eta_0$;
+- `linear`: $\eta_0 + (\eta_1 - \eta_0)\,p$;
+- `cosine`: $\eta_1 + (\eta_0 - \eta_1)(1 + \cos \pi p)/2$;
+- `steps`: `etas[i]` from step `milestones[i]` on ($\eta_0$ before the first).
 
-:math:`\eta_0` is each group's eta when the scheduler is created, :math:`\eta_1` is
-``eta_end``. The step-t eta is a function of t alone (:func:`eta_at`), so a trainer
+$\eta_0$ is each group's eta when the scheduler is created, $\eta_1$ is
+`eta_end`. The step-t eta is a function of t alone (`eta_at`), so a trainer
 that knows its update count (fairseq) needs no scheduler state at all.
 """
 
@@ -46,7 +46,7 @@ def eta_at(
     milestones: Sequence[int] = (),
     etas: Sequence[float] = (),
 ) -> float:
-    """Eta after ``step`` optimizer steps (the value the next step uses)."""
+    """Eta after `step` optimizer steps (the value the next step uses)."""
     if schedule == "constant":
         return eta_start
     if schedule == "steps":
@@ -85,7 +85,7 @@ def check_eta_schedule(
 
 
 def eta_schedule_cli_error(optimizer: str, schedule: str, eta_end: Optional[float]) -> Optional[str]:
-    """What is wrong with ``--eta-schedule``/``--eta-end`` on an experiment script's command
+    """What is wrong with `--eta-schedule`/`--eta-end` on an experiment script's command
     line, or None."""
     if schedule != "constant" and (optimizer != "softadam" or eta_end is None or eta_end < 0):
         return "--eta-schedule is SoftAdam's and needs --eta-end >= 0"
@@ -95,18 +95,19 @@ def eta_schedule_cli_error(optimizer: str, schedule: str, eta_end: Optional[floa
 
 
 class EtaScheduler:
-    """Sets ``eta`` of each parameter group of a SoftAdam optimizer by step.
+    """Sets `eta` of each parameter group of a SoftAdam optimizer by step.
 
-    Call :meth:`step` after each ``optimizer.step()``, like an lr scheduler. Each
-    group starts from its own eta (kept as ``initial_eta`` in the group, as torch keeps
-    ``initial_lr``); ``eta_end`` may be one value or one per group.
+    Call `step` after each `optimizer.step()`, like an lr scheduler. Each
+    group starts from its own eta (kept as `initial_eta` in the group, as torch keeps
+    `initial_lr`); `eta_end` may be one value or one per group.
 
     Args:
-        optimizer: a :class:`~softadam_nlp.SoftAdam` (any optimizer whose groups have ``eta``).
-        schedule: ``"constant"``, ``"linear"``, ``"cosine"`` or ``"steps"``.
-        eta_end: the eta reached at ``total_steps`` (linear, cosine).
+        optimizer: a `SoftAdam` (any optimizer whose groups have `eta`).
+        schedule: `"constant"`, `"linear"`, `"cosine"` or `"steps"`.
+        eta_end: the eta reached at `total_steps` (linear, cosine).
         total_steps: optimizer steps over which eta moves (linear, cosine).
-        milestones, etas: step counts and the eta used from each on (steps).
+        milestones: step counts at which eta changes (steps).
+        etas: the eta used from each milestone on (steps).
         last_epoch: the index of the last step taken, -1 for a fresh start (torch's name).
     """
 
@@ -121,7 +122,9 @@ class EtaScheduler:
         last_epoch: int = -1,
     ) -> None:
         if not all("eta" in group for group in optimizer.param_groups):
-            raise TypeError(f"{type(optimizer).__name__} has no eta in its parameter groups: EtaScheduler is for SoftAdam")
+            raise TypeError(
+                f"{type(optimizer).__name__} has no eta in its parameter groups: EtaScheduler is for SoftAdam"
+            )
         ends = list(eta_end) if isinstance(eta_end, (list, tuple)) else [eta_end] * len(optimizer.param_groups)
         if len(ends) != len(optimizer.param_groups):
             raise ValueError(f"eta_end has {len(ends)} values for {len(optimizer.param_groups)} parameter groups")
@@ -143,8 +146,15 @@ class EtaScheduler:
 
     def eta_for_group(self, index: int, step: int) -> float:
         group = self.optimizer.param_groups[index]
-        return eta_at(step, self.schedule, group["initial_eta"], self.eta_ends[index], self.total_steps,
-                      self.milestones, self.etas)
+        return eta_at(
+            step,
+            self.schedule,
+            group["initial_eta"],
+            self.eta_ends[index],
+            self.total_steps,
+            self.milestones,
+            self.etas,
+        )
 
     def step(self) -> None:
         """Advance one optimizer step and set the etas the next step uses."""
@@ -166,10 +176,10 @@ class EtaScheduler:
 
 
 class WithEtaSchedule(LRScheduler):
-    """An lr scheduler and an :class:`EtaScheduler` stepped, saved and restored as one.
+    """An lr scheduler and an `EtaScheduler` stepped, saved and restored as one.
 
-    For trainers that accept one scheduler object and call its ``step`` after every
-    optimizer step (transformers' Trainer); ``get_last_lr`` and everything else an lr
+    For trainers that accept one scheduler object and call its `step` after every
+    optimizer step (transformers' Trainer); `get_last_lr` and everything else an lr
     scheduler answers come from the lr scheduler.
     """
 

@@ -8,16 +8,16 @@ or, letting Trainer build the parameter groups and the schedule itself,
     trainer = Trainer(model=model, args=training_args,
                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args, eta=1.0))
 
-Schedules come from transformers' own ``get_scheduler`` (every ``SchedulerType``
+Schedules come from transformers' own `get_scheduler` (every `SchedulerType`
 name: linear, cosine, constant, polynomial, inverse_sqrt, reduce_lr_on_plateau, ...),
-plus ``"step"``, the paper's schedule (x0.1 at 50% and 75% of training). Warmup is read
-from ``args.warmup_steps`` (steps if >= 1, a ratio of training if < 1); its default, 0,
+plus `"step"`, the paper's schedule (x0.1 at 50% and 75% of training). Warmup is read
+from `args.warmup_steps` (steps if >= 1, a ratio of training if < 1); its default, 0,
 is how the paper trains SoftAdam.
 
-When ``args`` do not fix the number of training steps (the default: ``num_train_epochs``
+When `args` do not fix the number of training steps (the default: `num_train_epochs`
 sets it, through the data loader), a schedule that needs it is built at the first
 optimizer step, with the length of the Trainer that holds it
-(:class:`ScheduleAtFirstStep`).
+(`ScheduleAtFirstStep`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from transformers.trainer_utils import SchedulerType
 
 from softadam_nlp.eta_schedule import (
     TOOLKIT_ETA_SCHEDULES as HF_ETA_SCHEDULES,
+)
+from softadam_nlp.eta_schedule import (
     EtaScheduler,
     WithEtaSchedule,
     check_eta_schedule,
@@ -76,8 +78,8 @@ _WITH_WARMUP = {"constant_with_warmup", "inverse_sqrt"}
 def softadam_kwargs_from_args(args: TrainingArguments, **overrides: Any) -> dict[str, Any]:
     """SoftAdam's keyword arguments (without parameter groups or weight decay).
 
-    ``betas`` and ``eps`` follow ``args.adam_beta1/adam_beta2/adam_epsilon`` (whose
-    defaults equal SoftAdam's); ``overrides`` (eta, betas, eps, nesterov, ...) win.
+    `betas` and `eps` follow `args.adam_beta1/adam_beta2/adam_epsilon` (whose
+    defaults equal SoftAdam's); `overrides` (eta, betas, eps, nesterov, ...) win.
     """
     kwargs: dict[str, Any] = {
         "lr": args.learning_rate,
@@ -95,18 +97,18 @@ def softadam_kwargs_from_args(args: TrainingArguments, **overrides: Any) -> dict
 
 
 def optimizer_cls_and_kwargs(args: TrainingArguments, **softadam_kwargs: Any) -> tuple[type, dict[str, Any]]:
-    """For ``Trainer(optimizer_cls_and_kwargs=...)``: Trainer makes the decay/no-decay
-    groups with ``args.weight_decay`` and builds the schedule from ``args``. This is the
+    """For `Trainer(optimizer_cls_and_kwargs=...)`: Trainer makes the decay/no-decay
+    groups with `args.weight_decay` and builds the schedule from `args`. This is the
     route that works under DeepSpeed (ZeRO stages 0-2), where Trainer hands the optimizer
     it builds to DeepSpeed."""
     return SoftAdam, softadam_kwargs_from_args(args, **softadam_kwargs)
 
 
 def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Parameter groups exactly as ``Trainer.create_optimizer`` makes them.
+    """Parameter groups exactly as `Trainer.create_optimizer` makes them.
 
     Trainer decides which parameters get weight decay with its own
-    ``get_decay_parameter_names`` (no biases, no normalization weights); it reads
+    `get_decay_parameter_names` (no biases, no normalization weights); it reads
     nothing from the Trainer instance, so it is called unbound here to reuse that
     rule rather than copy it.
     """
@@ -115,10 +117,16 @@ def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[
     # param_names (a torch.optim group key): SoftAdam names a parameter whose gradient
     # is not finite by it.
     return [
-        {"params": [p for n, p in named if n in decay], "param_names": [n for n, _ in named if n in decay],
-         "weight_decay": weight_decay},
-        {"params": [p for n, p in named if n not in decay], "param_names": [n for n, _ in named if n not in decay],
-         "weight_decay": 0.0},
+        {
+            "params": [p for n, p in named if n in decay],
+            "param_names": [n for n, _ in named if n in decay],
+            "weight_decay": weight_decay,
+        },
+        {
+            "params": [p for n, p in named if n not in decay],
+            "param_names": [n for n, _ in named if n not in decay],
+            "weight_decay": 0.0,
+        },
     ]
 
 
@@ -129,19 +137,21 @@ def _refuse_under_deepspeed(args: TrainingArguments) -> None:
             "TrainingArguments.deepspeed is set: under DeepSpeed, Trainer discards an optimizer given as "
             "Trainer(optimizers=...) and silently trains the one it builds itself. Pass SoftAdam as "
             "Trainer(optimizer_cls_and_kwargs=softadam_nlp.hf.optimizer_cls_and_kwargs(args, eta=...)) instead, "
-            "with ZeRO stage 0, 1 or 2 (SoftAdam refuses stage 3), and no \"optimizer\" section in the DeepSpeed "
+            'with ZeRO stage 0, 1 or 2 (SoftAdam refuses stage 3), and no "optimizer" section in the DeepSpeed '
             "config; Trainer then builds the learning-rate schedule from args (eta schedules need optimizers=, "
             "so they are not available under DeepSpeed)."
         )
 
 
 def create_optimizer(model: torch.nn.Module, args: TrainingArguments, **softadam_kwargs: Any) -> SoftAdam:
-    """SoftAdam over ``model`` with Trainer's weight-decay grouping and ``args``' settings.
+    """SoftAdam over `model` with Trainer's weight-decay grouping and `args`' settings.
 
-    Raises ValueError when ``args.deepspeed`` is set: use :func:`optimizer_cls_and_kwargs` there.
+    Raises ValueError when `args.deepspeed` is set: use `optimizer_cls_and_kwargs` there.
     """
     _refuse_under_deepspeed(args)
-    return SoftAdam(decay_parameter_groups(model, args.weight_decay), **softadam_kwargs_from_args(args, **softadam_kwargs))
+    return SoftAdam(
+        decay_parameter_groups(model, args.weight_decay), **softadam_kwargs_from_args(args, **softadam_kwargs)
+    )
 
 
 def _step_lambda(step: int, *, num_warmup_steps: int, milestones: Sequence[int], gamma: float) -> float:
@@ -158,11 +168,11 @@ def get_step_schedule_with_warmup(
     gamma: float = 0.1,
     last_epoch: int = -1,
 ) -> LambdaLR:
-    """The paper's step schedule: the learning rate times ``gamma`` at each milestone
-    (fractions of ``num_training_steps``), after an optional linear warmup.
+    """The paper's step schedule: the learning rate times `gamma` at each milestone
+    (fractions of `num_training_steps`), after an optional linear warmup.
 
     transformers has no step schedule; this follows the shape of its
-    ``get_*_schedule_with_warmup`` functions (a LambdaLR over a picklable partial).
+    `get_*_schedule_with_warmup` functions (a LambdaLR over a picklable partial).
     """
     if not all(0 < m < 1 for m in milestones):
         raise ValueError(f"milestones must be fractions of training in (0, 1), got {list(milestones)}")
@@ -194,12 +204,12 @@ _LENGTH_UNKNOWN = (
 
 
 def _trainer_training_length(schedule: Any) -> int:
-    """``state.max_steps`` of the Trainer whose ``lr_scheduler`` is ``schedule``.
+    """`state.max_steps` of the Trainer whose `lr_scheduler` is `schedule`.
 
     Trainer fixes the number of optimizer steps when training starts and hands it to
     nothing it was given; this finds it the one time it is needed, at the first optimizer
-    step, among the live Trainer objects (``Trainer.lr_scheduler`` and
-    ``Trainer.state.max_steps`` are public attributes)."""
+    step, among the live Trainer objects (`Trainer.lr_scheduler` and
+    `Trainer.state.max_steps` are public attributes)."""
     for obj in gc.get_objects():
         # type(), not isinstance(): some objects warn when their __class__ is read
         if issubclass(type(obj), Trainer) and obj.lr_scheduler is schedule and obj.state.max_steps > 0:
@@ -211,13 +221,13 @@ class ScheduleAtFirstStep(LRScheduler):
     """A learning-rate (and eta) schedule built at the first optimizer step, when the
     number of training steps is known.
 
-    ``create_scheduler`` and ``create_optimizer_and_scheduler`` return one when ``args``
-    leave the length to the data loader (``num_train_epochs``, the default), so that
-    ``Trainer(optimizers=create_optimizer_and_scheduler(model, args))`` runs unchanged:
-    at the first ``optimizer.step()`` (a step pre-hook), ``build(num_training_steps)``
+    `create_scheduler` and `create_optimizer_and_scheduler` return one when `args`
+    leave the length to the data loader (`num_train_epochs`, the default), so that
+    `Trainer(optimizers=create_optimizer_and_scheduler(model, args))` runs unchanged:
+    at the first `optimizer.step()` (a step pre-hook), `build(num_training_steps)`
     makes the schedule, with the length of the Trainer that holds this object. Until then
-    the learning rate is ``args.learning_rate``; every step the schedule takes is the
-    built schedule's. Its ``state_dict`` keeps the length, so a resumed run rebuilds the
+    the learning rate is `args.learning_rate`; every step the schedule takes is the
+    built schedule's. Its `state_dict` keeps the length, so a resumed run rebuilds the
     same schedule before its first step. Outside Trainer, the first step raises a
     ValueError saying how to give the length.
     """
@@ -265,8 +275,10 @@ class ScheduleAtFirstStep(LRScheduler):
         return -1 if self.schedule is None else self.schedule.last_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_training_steps": self.num_training_steps,
-                "schedule": None if self.schedule is None else self.schedule.state_dict()}
+        return {
+            "num_training_steps": self.num_training_steps,
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["num_training_steps"] is None:
@@ -281,15 +293,18 @@ class ScheduleAtFirstStep(LRScheduler):
             for group, values in zip(groups, resumed):
                 group.update(values)
         elif state_dict["num_training_steps"] != self.num_training_steps:
-            raise ValueError(f"the saved schedule is {state_dict['num_training_steps']} steps long, this one "
-                             f"{self.num_training_steps}")
+            raise ValueError(
+                f"the saved schedule is {state_dict['num_training_steps']} steps long, this one "
+                f"{self.num_training_steps}"
+            )
         else:
             self.schedule.load_state_dict(state_dict["schedule"])
 
 
-def _schedule(optimizer: torch.optim.Optimizer, args: TrainingArguments, name: str,
-              total: Optional[int]) -> LRScheduler:
-    """The ``name`` schedule over ``total`` steps (None: a schedule that needs no length)."""
+def _schedule(
+    optimizer: torch.optim.Optimizer, args: TrainingArguments, name: str, total: Optional[int]
+) -> LRScheduler:
+    """The `name` schedule over `total` steps (None: a schedule that needs no length)."""
     warmup = args.get_warmup_steps(total or 0)
     if name == STEP_SCHEDULE:
         return get_step_schedule_with_warmup(optimizer, warmup, total, **(args.lr_scheduler_kwargs or {}))
@@ -315,11 +330,11 @@ def create_scheduler(
     num_training_steps: Optional[int] = None,
     lr_scheduler_type: Optional[str] = None,
 ) -> LRScheduler:
-    """The learning-rate schedule ``args`` asks for (or ``lr_scheduler_type``).
+    """The learning-rate schedule `args` asks for (or `lr_scheduler_type`).
 
-    The number of optimizer steps comes from ``num_training_steps``, else
-    ``args.max_steps``, else (training length set by epochs) from the Trainer that the
-    schedule is given to: a :class:`ScheduleAtFirstStep` then builds it at the first
+    The number of optimizer steps comes from `num_training_steps`, else
+    `args.max_steps`, else (training length set by epochs) from the Trainer that the
+    schedule is given to: a `ScheduleAtFirstStep` then builds it at the first
     optimizer step. Schedules that need no length (constant, reduce_lr_on_plateau,
     greedy, ...) are built at once.
     """
@@ -330,10 +345,13 @@ def create_scheduler(
     return _schedule(optimizer, args, name, total)
 
 
-def _with_eta_schedule(optimizer: SoftAdam, args: TrainingArguments, name: str, eta_schedule: str,
-                       eta_end: Optional[float], total: int) -> LRScheduler:
-    return WithEtaSchedule(_schedule(optimizer, args, name, total),
-                           EtaScheduler(optimizer, eta_schedule, eta_end=eta_end, total_steps=total))
+def _with_eta_schedule(
+    optimizer: SoftAdam, args: TrainingArguments, name: str, eta_schedule: str, eta_end: Optional[float], total: int
+) -> LRScheduler:
+    return WithEtaSchedule(
+        _schedule(optimizer, args, name, total),
+        EtaScheduler(optimizer, eta_schedule, eta_end=eta_end, total_steps=total),
+    )
 
 
 def create_optimizer_and_scheduler(
@@ -345,18 +363,18 @@ def create_optimizer_and_scheduler(
     eta_end: Optional[float] = None,
     **softadam_kwargs: Any,
 ) -> tuple[SoftAdam, LRScheduler]:
-    """``(SoftAdam, schedule)`` for ``Trainer(optimizers=...)``.
+    """`(SoftAdam, schedule)` for `Trainer(optimizers=...)`.
 
     Reads learning_rate, weight_decay (not applied to biases and normalization weights,
     as Trainer does), adam_beta1/2 and adam_epsilon, lr_scheduler_type (or the
-    ``lr_scheduler_type`` argument, which also accepts ``"step"``), warmup_steps
-    (default 0: no warmup) and max_steps. ``softadam_kwargs`` (eta, betas, eps,
+    `lr_scheduler_type` argument, which also accepts `"step"`), warmup_steps
+    (default 0: no warmup) and max_steps. `softadam_kwargs` (eta, betas, eps,
     nesterov, nonfinite, fused, foreach) override. The training length is
-    ``num_training_steps``, else ``args.max_steps``, else the Trainer's, taken at the
-    first optimizer step (:class:`ScheduleAtFirstStep`).
+    `num_training_steps`, else `args.max_steps`, else the Trainer's, taken at the
+    first optimizer step (`ScheduleAtFirstStep`).
 
-    ``eta_schedule`` ("constant", "linear" or "cosine") moves eta from its value to
-    ``eta_end`` over the training steps (softadam_nlp.eta_schedule). The schedule
+    `eta_schedule` ("constant", "linear" or "cosine") moves eta from its value to
+    `eta_end` over the training steps (softadam_nlp.eta_schedule). The schedule
     returned then steps, saves and restores the lr and the eta schedule together, so
     Trainer's checkpoints resume both. Eta schedules advance with every optimizer step,
     so they cannot go with the schedules Trainer steps on evaluation metrics
@@ -397,12 +415,12 @@ def build_optimizers(
     momentum: float = 0.9,
     **softadam_kwargs: Any,
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
-    """``(optimizer, schedule)`` by name, so that baselines run through the same code.
+    """`(optimizer, schedule)` by name, so that baselines run through the same code.
 
-    ``softadam`` is :func:`create_optimizer_and_scheduler`; ``adamw`` is torch's AdamW
-    and ``adam`` torch's Adam (weight decay added to the gradient, as the AWD-LSTM
-    recipe's Adam does), both with ``args``' betas and eps; ``sgd`` is torch's SGD with
-    ``momentum``. All use Trainer's weight-decay groups and the same schedule choice.
+    `softadam` is `create_optimizer_and_scheduler`; `adamw` is torch's AdamW
+    and `adam` torch's Adam (weight decay added to the gradient, as the AWD-LSTM
+    recipe's Adam does), both with `args`' betas and eps; `sgd` is torch's SGD with
+    `momentum`. All use Trainer's weight-decay groups and the same schedule choice.
     """
     if name == "softadam":
         return create_optimizer_and_scheduler(model, args, num_training_steps, lr_scheduler_type, **softadam_kwargs)
@@ -426,7 +444,7 @@ def build_optimizers(
 
 
 def available_reporters() -> str:
-    """``report_to`` for TrainingArguments: TensorBoard when it is installed, else nothing."""
+    """`report_to` for TrainingArguments: TensorBoard when it is installed, else nothing."""
     has_tensorboard = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
     return "tensorboard" if has_tensorboard else "none"
 
@@ -439,46 +457,68 @@ def add_optimizer_arguments(
     momentum: Optional[float] = 0.9,
     lr_scheduler: Optional[str] = "linear",
 ) -> None:
-    """The optimizer options the example scripts share (read by :func:`optimizers_from_cli`).
+    """The optimizer options the example scripts share (read by `optimizers_from_cli`).
     A default of None (lr, momentum, lr_scheduler): the script fills it in (e.g. from a preset)."""
     group = parser.add_argument_group("optimizer")
     group.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="softadam")
-    group.add_argument("--lr", type=float, default=lr,
-                       help=f"peak learning rate (default: {lr if lr is not None else 'per optimizer and preset'})")
-    group.add_argument("--momentum", type=float, default=momentum,
-                       help=f"SGD's momentum (default: {momentum if momentum is not None else 'per preset'})")
+    group.add_argument(
+        "--lr",
+        type=float,
+        default=lr,
+        help=f"peak learning rate (default: {lr if lr is not None else 'per optimizer and preset'})",
+    )
+    group.add_argument(
+        "--momentum",
+        type=float,
+        default=momentum,
+        help=f"SGD's momentum (default: {momentum if momentum is not None else 'per preset'})",
+    )
     group.add_argument("--eta", type=float, default=1.0, help="SoftAdam's eta (default: 1.0)")
-    group.add_argument("--eta-schedule", choices=HF_ETA_SCHEDULES, default="constant",
-                       help="move SoftAdam's eta from --eta to --eta-end over training (default: constant)")
-    group.add_argument("--eta-end", type=float, default=None, help="eta at the end of a linear or cosine --eta-schedule")
+    group.add_argument(
+        "--eta-schedule",
+        choices=HF_ETA_SCHEDULES,
+        default="constant",
+        help="move SoftAdam's eta from --eta to --eta-end over training (default: constant)",
+    )
+    group.add_argument(
+        "--eta-end", type=float, default=None, help="eta at the end of a linear or cosine --eta-schedule"
+    )
     group.add_argument("--weight-decay", type=float, default=weight_decay)
-    group.add_argument("--lr-scheduler", choices=SCHEDULE_NAMES, default=lr_scheduler,
-                       help=f"default: {lr_scheduler or 'per model'}")
+    group.add_argument(
+        "--lr-scheduler", choices=SCHEDULE_NAMES, default=lr_scheduler, help=f"default: {lr_scheduler or 'per model'}"
+    )
     group.add_argument("--warmup-steps", type=float, default=0, help=">= 1: steps; < 1: fraction of training")
 
 
 def add_deepspeed_argument(parser: Any) -> None:
-    """``--deepspeed CONFIG`` for the example scripts (read by :func:`trainer_optimizer_arguments`)."""
-    parser.add_argument("--deepspeed", type=Path, default=None, metavar="CONFIG",
-                        help="train under DeepSpeed with this JSON config (ZeRO stage 0, 1 or 2; launch with "
-                             "torchrun or deepspeed); SoftAdam then reaches Trainer as optimizer_cls_and_kwargs")
+    """`--deepspeed CONFIG` for the example scripts (read by `trainer_optimizer_arguments`)."""
+    parser.add_argument(
+        "--deepspeed",
+        type=Path,
+        default=None,
+        metavar="CONFIG",
+        help="train under DeepSpeed with this JSON config (ZeRO stage 0, 1 or 2; launch with "
+        "torchrun or deepspeed); SoftAdam then reaches Trainer as optimizer_cls_and_kwargs",
+    )
 
 
 def deepspeed_cli_error(cli_args: argparse.Namespace) -> Optional[str]:
-    """What is wrong with ``--deepspeed`` and the options it cannot go with, if anything."""
+    """What is wrong with `--deepspeed` and the options it cannot go with, if anything."""
     if not getattr(cli_args, "deepspeed", None):
         return None
     if not cli_args.deepspeed.is_file():
         return f"--deepspeed {cli_args.deepspeed}: no such file"
     if cli_args.lr_scheduler == STEP_SCHEDULE or getattr(cli_args, "eta_schedule", "constant") != "constant":
-        return ("--deepspeed: Trainer builds the learning-rate schedule itself there, so --lr-scheduler step and "
-                "--eta-schedule are not available; pick a transformers schedule (--lr-scheduler linear, ...)")
+        return (
+            "--deepspeed: Trainer builds the learning-rate schedule itself there, so --lr-scheduler step and "
+            "--eta-schedule are not available; pick a transformers schedule (--lr-scheduler linear, ...)"
+        )
     return None
 
 
 def trainer_schedule_name(cli_args: argparse.Namespace) -> str:
     """A name TrainingArguments accepts: it does not know "step", which the schedule
-    built by :func:`optimizers_from_cli` handles itself."""
+    built by `optimizers_from_cli` handles itself."""
     return "linear" if cli_args.lr_scheduler == STEP_SCHEDULE else cli_args.lr_scheduler
 
 
@@ -488,15 +528,16 @@ def optimizers_from_cli(
     training_args: TrainingArguments,
     num_training_steps: Optional[int] = None,
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
-    """``Trainer(optimizers=...)`` from the options of :func:`add_optimizer_arguments`;
-    ``num_training_steps`` as in :func:`create_scheduler` (default: ``max_steps``)."""
+    """`Trainer(optimizers=...)` from the options of `add_optimizer_arguments`;
+    `num_training_steps` as in `create_scheduler` (default: `max_steps`)."""
     extra = {"eta": cli_args.eta} if cli_args.optimizer == "softadam" else {}
     if cli_args.optimizer == "softadam" and getattr(cli_args, "eta_schedule", "constant") != "constant":
         extra.update(eta_schedule=cli_args.eta_schedule, eta_end=cli_args.eta_end)
     if cli_args.optimizer == "sgd":
         extra = {"momentum": cli_args.momentum}
-    return build_optimizers(cli_args.optimizer, model, training_args, num_training_steps,
-                            lr_scheduler_type=cli_args.lr_scheduler, **extra)
+    return build_optimizers(
+        cli_args.optimizer, model, training_args, num_training_steps, lr_scheduler_type=cli_args.lr_scheduler, **extra
+    )
 
 
 def trainer_optimizer_arguments(
@@ -505,20 +546,22 @@ def trainer_optimizer_arguments(
     training_args: TrainingArguments,
     num_training_steps: Optional[int] = None,
 ) -> dict[str, Any]:
-    """Trainer's keyword argument for the optimizer of :func:`add_optimizer_arguments`' options.
+    """Trainer's keyword argument for the optimizer of `add_optimizer_arguments`' options.
 
-    ``{"optimizers": (optimizer, schedule)}`` (:func:`optimizers_from_cli`), or under DeepSpeed
-    (``training_args.deepspeed`` set), where Trainer keeps only an optimizer it builds itself,
-    ``{"optimizer_cls_and_kwargs": ...}``: Trainer then makes the weight-decay groups and the
-    learning-rate schedule from ``training_args``, so the paper's ``"step"`` schedule and eta
+    `{"optimizers": (optimizer, schedule)}` (`optimizers_from_cli`), or under DeepSpeed
+    (`training_args.deepspeed` set), where Trainer keeps only an optimizer it builds itself,
+    `{"optimizer_cls_and_kwargs": ...}`: Trainer then makes the weight-decay groups and the
+    learning-rate schedule from `training_args`, so the paper's `"step"` schedule and eta
     schedules are refused there with a ValueError.
     """
     if not getattr(training_args, "deepspeed", None):
         return {"optimizers": optimizers_from_cli(cli_args, model, training_args, num_training_steps)}
     if cli_args.lr_scheduler == STEP_SCHEDULE or getattr(cli_args, "eta_schedule", "constant") != "constant":
-        raise ValueError("under DeepSpeed, Trainer builds the learning-rate schedule itself: the 'step' schedule "
-                         "and eta schedules are not available there (choose --lr-scheduler from transformers' "
-                         "names, and a constant eta)")
+        raise ValueError(
+            "under DeepSpeed, Trainer builds the learning-rate schedule itself: the 'step' schedule "
+            "and eta schedules are not available there (choose --lr-scheduler from transformers' "
+            "names, and a constant eta)"
+        )
     betas = {"betas": (training_args.adam_beta1, training_args.adam_beta2), "eps": training_args.adam_epsilon}
     classes: dict[str, tuple[type, dict[str, Any]]] = {
         "adamw": (torch.optim.AdamW, betas),
@@ -533,7 +576,7 @@ def trainer_optimizer_arguments(
 
 def training_arguments_cli(training_args: TrainingArguments) -> list[str]:
     """Command-line flags, as transformers' HfArgumentParser spells them, that rebuild
-    ``training_args``: the fields that differ from TrainingArguments' defaults.
+    `training_args`: the fields that differ from TrainingArguments' defaults.
 
     Raises ValueError unless the installed transformers parses the flags back into the
     same arguments, so a printed command is one that transformers accepts."""

@@ -1,37 +1,37 @@
 r"""Which original tensor each local piece of a stepped tensor belongs to, and over which
 process groups its sums are reduced.
 
-SoftAdam's :math:`\bar v` is a mean over a whole ORIGINAL parameter tensor. The engines
+SoftAdam's $\bar v$ is a mean over a whole ORIGINAL parameter tensor. The engines
 that shard or flatten parameters hand the optimizer something else:
 
 ================================  ==============================================  =====================
 engine                            what the optimizer steps                        how it is mapped
 ================================  ==============================================  =====================
 one process, DDP                  the original tensors                            as they are
-FSDP2 (``fully_shard``)           DTensors: local shards of the original tensors  mesh dims sharded on
-FSDP1, ``use_orig_params=False``  one ``FlatParameter`` per wrapped unit: the     ``_shard_param_infos``
+FSDP2 (`fully_shard`)           DTensors: local shards of the original tensors  mesh dims sharded on
+FSDP1, `use_orig_params=False`  one `FlatParameter` per wrapped unit: the     `_shard_param_infos`
                                   rank's shard of all its tensors, concatenated,
                                   plus padding
-FSDP1, ``use_orig_params=True``   1-D slices of the rank's shard, one per         the unit's handle
+FSDP1, `use_orig_params=True`   1-D slices of the rank's shard, one per         the unit's handle
                                   original tensor (empty where it holds none)
-DeepSpeed ZeRO-1/2                one flat fp32 partition per param group,        ``_hp_mapping`` of the
+DeepSpeed ZeRO-1/2                one flat fp32 partition per param group,        `_hp_mapping` of the
                                   tensors SoftAdam was never built with           tensors it was built with
 ================================  ==============================================  =====================
 
-:func:`tensor_layout` describes one stepped tensor as a :class:`TensorLayout`: the
+`tensor_layout` describes one stepped tensor as a `TensorLayout`: the
 original tensors it holds pieces of (their names and sizes), where each piece lies in
 the local tensor (padding lies in none), and the process groups over which a sum over
 its pieces must be all-reduced to become a sum over the whole original tensor.
-:class:`GroupLayout` does that for a parameter group: it turns per-parameter tensors
+`GroupLayout` does that for a parameter group: it turns per-parameter tensors
 into per-piece views, and per-piece local sums into whole-tensor sums with one
 all-reduce per set of process groups for all tensors of the group. Every rank builds the
 same reduction vectors (one slot per original tensor of every parameter of the group,
 whether or not the rank holds a piece of it or a gradient for it this step), so ranks
 that hold nothing of a tensor add 0.
 
-What cannot be mapped back to whole tensors raises :class:`UnsupportedLayoutError`, a
+What cannot be mapped back to whole tensors raises `UnsupportedLayoutError`, a
 ValueError naming the engine and what to use instead. The update math lives in
-``softadam.py``; this module only knows layouts.
+`softadam.py`; this module only knows layouts.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class Piece:
 class TensorLayout:
     """How one tensor that SoftAdam steps relates to the original parameter tensors.
 
-    ``pieces`` is None when the local tensor, as it is, is (a shard of) one original
-    tensor: slot 0. ``groups``: the sum of a piece is all-reduced over each of these
+    `pieces` is None when the local tensor, as it is, is (a shard of) one original
+    tensor: slot 0. `groups`: the sum of a piece is all-reduced over each of these
     process groups in turn to become the whole tensor's sum; empty when the local pieces
     are whole tensors.
     """
@@ -109,12 +109,12 @@ def local(tensor: Tensor) -> Tensor:
 
 
 def tensor_layout(param: Tensor, name: str, built_with: Sequence[Tensor], built_names: Sequence[str]) -> TensorLayout:
-    """The layout of ``param``, a tensor of a parameter group that SoftAdam is about to step.
+    """The layout of `param`, a tensor of a parameter group that SoftAdam is about to step.
 
-    ``name`` names it in messages; ``built_with`` are the tensors the group held when it
-    was added to the optimizer, named by ``built_names`` (DeepSpeed ZeRO-1/2 replaces them
+    `name` names it in messages; `built_with` are the tensors the group held when it
+    was added to the optimizer, named by `built_names` (DeepSpeed ZeRO-1/2 replaces them
     with its flat partitions, which are mapped back through them). Raises
-    :class:`UnsupportedLayoutError` for what cannot be mapped back to whole tensors.
+    `UnsupportedLayoutError` for what cannot be mapped back to whole tensors.
     """
     if is_dtensor(param):
         return _dtensor_layout(param, name)
@@ -165,7 +165,7 @@ def _flat_param_layout(flat_param: Tensor, handle: Any) -> TensorLayout:
 
 
 def _fsdp1_view_layout(param: Tensor, name: str) -> TensorLayout:
-    """FSDP1 with ``use_orig_params=True``: the original parameter object, its data a 1-D
+    """FSDP1 with `use_orig_params=True`: the original parameter object, its data a 1-D
     slice of the rank's shard of its FlatParameter (empty where the rank holds none of it)."""
     handle = _fsdp1_handle(orig_param=param)
     flat_param = handle.flat_param
@@ -173,12 +173,13 @@ def _fsdp1_view_layout(param: Tensor, name: str) -> TensorLayout:
     fqn, shape = f"'{flat_param._fqns[index]}'", tuple(flat_param._shapes[index])
     if not handle.uses_sharded_strategy:  # NO_SHARD: the original tensor as it is
         return TensorLayout("FSDP1 (NO_SHARD)", (fqn,), (shape,), (param.numel(),))
-    return TensorLayout("FSDP1 (use_orig_params=True)", (fqn,), (shape,), (flat_param._numels[index],), None,
-                        (handle.process_group,))
+    return TensorLayout(
+        "FSDP1 (use_orig_params=True)", (fqn,), (shape,), (flat_param._numels[index],), None, (handle.process_group,)
+    )
 
 
 def _fsdp1_handle(*, flat_param: Optional[Tensor] = None, orig_param: Optional[Tensor] = None) -> Any:
-    """The FSDP1 handle (``FlatParamHandle``) that owns ``flat_param`` or ``orig_param``.
+    """The FSDP1 handle (`FlatParamHandle`) that owns `flat_param` or `orig_param`.
 
     Neither a FlatParameter nor an original parameter refers back to the handle, which
     knows the process group and the sharding strategy. Only the FSDP1 modules do, so they
@@ -206,7 +207,7 @@ def _fsdp1_handle(*, flat_param: Optional[Tensor] = None, orig_param: Optional[T
 
 def _partition_layout(param: Tensor, built_with: Sequence[Tensor], built_names: Sequence[str]) -> TensorLayout:
     """A tensor the group was not built with: DeepSpeed ZeRO-1/2's flat fp32 partition,
-    mapped back through the ``_hp_mapping`` of the tensors it was built with; refused
+    mapped back through the `_hp_mapping` of the tensors it was built with; refused
     otherwise (ZeRO-3, another wrapper)."""
     if any(hasattr(p, "ds_id") for p in built_with):
         raise UnsupportedLayoutError(
@@ -235,16 +236,20 @@ def _partition_layout(param: Tensor, built_with: Sequence[Tensor], built_names: 
     if len(groups) > 1:
         raise UnsupportedLayoutError("SoftAdam: the pieces of one DeepSpeed partition name different process groups")
     return TensorLayout(
-        "DeepSpeed ZeRO-1/2", tuple(built_names), tuple(tuple(p.shape) for p in built_with),
-        tuple(p.numel() for p in built_with), tuple(sorted(pieces, key=lambda piece: piece.start)), tuple(groups),
+        "DeepSpeed ZeRO-1/2",
+        tuple(built_names),
+        tuple(tuple(p.shape) for p in built_with),
+        tuple(p.numel() for p in built_with),
+        tuple(sorted(pieces, key=lambda piece: piece.start)),
+        tuple(groups),
     )
 
 
 class GroupLayout:
     """The layouts of one parameter group's tensors, for one step.
 
-    Built over every tensor of the group (``layouts``) and the positions of those with a
-    gradient this step (``stepped``): views and sums are per *entry*, one entry per piece
+    Built over every tensor of the group (`layouts`) and the positions of those with a
+    gradient this step (`stepped`): views and sums are per *entry*, one entry per piece
     of a stepped tensor (a whole local tensor is one entry).
     """
 
@@ -281,7 +286,7 @@ class GroupLayout:
                 self.members[place[0]][1].append(place[1] + slot)
 
     def views(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Per-entry views of per-stepped-tensor ``tensors`` (parameters, gradients, moments)."""
+        """Per-entry views of per-stepped-tensor `tensors` (parameters, gradients, moments)."""
         out = []
         for k, piece, _ in self.entries:
             tensor = local(tensors[k])

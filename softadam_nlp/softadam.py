@@ -2,14 +2,14 @@ r"""SoftAdam: one optimizer that interpolates SGD with momentum and Adam.
 
 "SoftAdam: Unifying SGD and Adam for better stochastic gradient descent"
 (ICLR 2020 submission), Algorithm 1. This module is the one source of the update
-math in the package: the fairseq and transformers adapters wrap :class:`SoftAdam`.
+math in the package: the fairseq and transformers adapters wrap `SoftAdam`.
 
-Layout follows ``torch/optim/adam.py``: the :class:`SoftAdam` class gathers state
-per parameter group and calls the functional :func:`softadam`, which dispatches to a
-per-tensor execution (:func:`_single_tensor_softadam`), a multi-tensor
-``torch._foreach_*`` execution (:func:`_multi_tensor_softadam`) or a fused CPU kernel
-(:func:`_fused_softadam`, C++ in ``csrc/``). All three use the step coefficients from
-:func:`_step_coefficients`, so the scalar part of the algorithm is written once; the
+Layout follows `torch/optim/adam.py`: the `SoftAdam` class gathers state
+per parameter group and calls the functional `softadam`, which dispatches to a
+per-tensor execution (`_single_tensor_softadam`), a multi-tensor
+`torch._foreach_*` execution (`_multi_tensor_softadam`) or a fused CPU kernel
+(`_fused_softadam`, C++ in `csrc/`). All three use the step coefficients from
+`_step_coefficients`, so the scalar part of the algorithm is written once; the
 per-tensor and foreach executions are the readable reference that the fused one is
 tested against.
 """
@@ -43,7 +43,7 @@ _LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _state_dtype(param: Tensor) -> torch.dtype:
-    """The dtype of the moment buffers (and of the update arithmetic) for ``param``."""
+    """The dtype of the moment buffers (and of the update arithmetic) for `param`."""
     return torch.float32 if param.dtype in _LOW_PRECISION_DTYPES else param.dtype
 
 
@@ -58,87 +58,88 @@ _STATE_DTYPE_KEYS: dict[str, Callable[[Tensor], torch.dtype]] = {
 class SoftAdam(Optimizer):
     r"""Implements SoftAdam (Algorithm 1 of the SoftAdam paper).
 
-    .. math::
-       \begin{aligned}
-        &\textbf{input}: \alpha \text{ (lr)}, \beta_1, \beta_2 \text{ (betas)},
-            \eta \text{ (eta)}, \epsilon \text{ (eps)}, \lambda \text{ (weight decay)},
-            \theta_0 \text{ (params)} \\
-        &\textbf{initialize}: m_0 \leftarrow 0, \; v_0 \leftarrow 0 \\
-        &\textbf{for}\; t = 1, 2, \ldots \;\textbf{do} \\
-        &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
-            \quad (-\nabla_\theta f_t \text{ if maximize}) \\
-        &\quad m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
-        &\quad \beta_{2,t} \leftarrow \min(\beta_2, 1 - 1/t) \\
-        &\quad v_t \leftarrow \beta_{2,t} v_{t-1} + (1 - \beta_{2,t}) g_t^2 \\
-        &\quad \bar v_t \leftarrow \operatorname{mean}(v_t)
-            \quad \text{(over all elements of this tensor)} \\
-        &\quad \gamma_t \leftarrow \sqrt{(1 - \beta_2) / (1 - \beta_{2,t})} \\
-        &\quad d_t \leftarrow 1 + \eta - \eta\gamma_t
-            + \eta\gamma_t \sqrt{v_t / (\bar v_t + \epsilon^2)} \\
-        &\quad \theta_t \leftarrow \theta_{t-1} - \alpha\lambda\theta_{t-1} \\
-        &\quad \theta_t \leftarrow \theta_t - \alpha (1 + \eta)\, n_t / d_t,
-            \quad n_t = m_t \text{, or } \beta_1 m_t + (1 - \beta_1) g_t
-            \text{ with nesterov} \\
-        &\textbf{return}\; \theta_t
-       \end{aligned}
+    $$
+    \begin{aligned}
+     &\textbf{input}: \alpha \text{ (lr)}, \beta_1, \beta_2 \text{ (betas)},
+         \eta \text{ (eta)}, \epsilon \text{ (eps)}, \lambda \text{ (weight decay)},
+         \theta_0 \text{ (params)} \\
+     &\textbf{initialize}: m_0 \leftarrow 0, \; v_0 \leftarrow 0 \\
+     &\textbf{for}\; t = 1, 2, \ldots \;\textbf{do} \\
+     &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
+         \quad (-\nabla_\theta f_t \text{ if maximize}) \\
+     &\quad m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+     &\quad \beta_{2,t} \leftarrow \min(\beta_2, 1 - 1/t) \\
+     &\quad v_t \leftarrow \beta_{2,t} v_{t-1} + (1 - \beta_{2,t}) g_t^2 \\
+     &\quad \bar v_t \leftarrow \operatorname{mean}(v_t)
+         \quad \text{(over all elements of this tensor)} \\
+     &\quad \gamma_t \leftarrow \sqrt{(1 - \beta_2) / (1 - \beta_{2,t})} \\
+     &\quad d_t \leftarrow 1 + \eta - \eta\gamma_t
+         + \eta\gamma_t \sqrt{v_t / (\bar v_t + \epsilon^2)} \\
+     &\quad \theta_t \leftarrow \theta_{t-1} - \alpha\lambda\theta_{t-1} \\
+     &\quad \theta_t \leftarrow \theta_t - \alpha (1 + \eta)\, n_t / d_t,
+         \quad n_t = m_t \text{, or } \beta_1 m_t + (1 - \beta_1) g_t
+         \text{ with nesterov} \\
+     &\textbf{return}\; \theta_t
+    \end{aligned}
+    $$
 
-    With ``eta=0`` the denominator is exactly 1 and the update is SGD with momentum
-    ``beta1`` and dampening ``beta1`` (``buf = beta1*buf + (1-beta1)*g``, buffer
-    starting at zero). As ``eta`` grows the step tends to an Adam-like step
-    normalised per element by ``sqrt(v)`` relative to the tensor's RMS gradient.
-    Because :math:`0 < \gamma_t \le 1` and :math:`\eta \ge 0`, :math:`d_t \ge 1`:
-    no element ever takes a larger step than SGD's ``lr*(1+eta)*m``. Early in
-    training :math:`\gamma_t` is small, so the step is SGD-like while the second
+    With `eta=0` the denominator is exactly 1 and the update is SGD with momentum
+    `beta1` and dampening `beta1` (`buf = beta1*buf + (1-beta1)*g`, buffer
+    starting at zero). As `eta` grows the step tends to an Adam-like step
+    normalised per element by `sqrt(v)` relative to the tensor's RMS gradient.
+    Because $0 < \gamma_t \le 1$ and $\eta \ge 0$, $d_t \ge 1$:
+    no element ever takes a larger step than SGD's `lr*(1+eta)*m`. Early in
+    training $\gamma_t$ is small, so the step is SGD-like while the second
     moment is still noisy; that is what lets SoftAdam train without warmup.
 
     Args:
         params: iterable of parameters or parameter groups (dicts).
-        lr: learning rate :math:`\alpha` (default: 0.1, an SGD-like scale): a float, or a
-            one-element tensor, read at every step (under ``torch.compile`` a tensor lr
+        lr: learning rate $\alpha$ (default: 0.1, an SGD-like scale): a float, or a
+            one-element tensor, read at every step (under `torch.compile` a tensor lr
             lets a schedule change it in place without recompiling the step).
-        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default: (0.9, 0.999)).
-        eps: :math:`\epsilon`; its square is added to :math:`\bar v_t` (default: 1e-8).
-        eta: :math:`\eta \ge 0`, the SGD (0) to Adam (large) blend (default: 1.0).
-        weight_decay: decoupled weight decay :math:`\lambda`, as in AdamW (default: 0).
+        betas: $(\beta_1, \beta_2)$, each in [0, 1) (default: (0.9, 0.999)).
+        eps: $\epsilon$; its square is added to $\bar v_t$ (default: 1e-8).
+        eta: $\eta \ge 0$, the SGD (0) to Adam (large) blend (default: 1.0).
+        weight_decay: decoupled weight decay $\lambda$, as in AdamW (default: 0).
         nesterov: use the Nesterov numerator (default: False).
         maximize: maximise the objective instead of minimising it (default: False).
         foreach: force the multi-tensor (True) or per-tensor (False) execution.
-        fused: use (True) or never use (False) a fused execution. ``None`` (the
+        fused: use (True) or never use (False) a fused execution. `None` (the
             default) picks the fused CPU kernel when every parameter of a group is a
             contiguous CPU tensor and the kernel is available (it is compiled once per
-            machine on first use and cached; ``make setup`` builds it ahead), and
-            otherwise picks as ``torch.optim`` does: multi-tensor on devices with
-            foreach kernels (CUDA), per-tensor elsewhere. On CUDA, ``fused=True``
-            runs the step through ``torch.compile`` (Triton kernels, compiled on the
+            machine on first use and cached; `make setup` builds it ahead), and
+            otherwise picks as `torch.optim` does: multi-tensor on devices with
+            foreach kernels (CUDA), per-tensor elsewhere. On CUDA, `fused=True`
+            runs the step through `torch.compile` (Triton kernels, compiled on the
             first step and cached by torch across runs).
         nonfinite: what a step does when a gradient holds NaN or inf (or overflows when
-            squared): ``"raise"`` (default) a ValueError naming the parameter (pass
-            ``named_parameters()`` for names), or ``"skip"`` the step, counted in
-            ``skipped_steps``. Either way no parameter or state changes, in any group:
+            squared): `"raise"` (default) a ValueError naming the parameter (pass
+            `named_parameters()` for names), or `"skip"` the step, counted in
+            `skipped_steps`. Either way no parameter or state changes, in any group:
             every gradient is checked before anything is written. Loss scalers
-            (``torch.amp.GradScaler``) skip such steps before calling ``step``.
+            (`torch.amp.GradScaler`) skip such steps before calling `step`.
 
     A param group's tensors must be on one device (give each device a group of its own).
     Meta tensors step as in torch's optimizers: their state is made, nothing is read.
 
-    Parameters in bfloat16 or float16 keep ``exp_avg`` and ``exp_avg_sq`` in
+    Parameters in bfloat16 or float16 keep `exp_avg` and `exp_avg_sq` in
     float32 and do the update arithmetic in float32, rounding into the parameter
     once per step.
 
     Sharded and flattened parameters are stepped exactly: FSDP2's DTensors, FSDP1's
-    FlatParameters and ``use_orig_params`` views, and DeepSpeed ZeRO-1/2's flat
-    partitions. Every execution takes :math:`\bar v_t` over each whole original
+    FlatParameters and `use_orig_params` views, and DeepSpeed ZeRO-1/2's flat
+    partitions. Every execution takes $\bar v_t$ over each whole original
     tensor, from the per-tensor sums of squared gradients all-reduced over the shards
-    (``softadam_nlp/layout.py`` maps each local piece to its original tensor). What
+    (`softadam_nlp/layout.py` maps each local piece to its original tensor). What
     cannot be mapped back, such as DeepSpeed ZeRO-3 or another wrapper's flat copies,
     is refused at the first step with a ValueError naming it.
 
     The fused execution (and every execution on sharded parameters) computes
-    :math:`\bar v_t` without a pass over :math:`v_t`, from :math:`\bar v_t =
-    \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t}) \operatorname{mean}(g_t^2)`,
-    keeping :math:`\bar v` in float64 (state ``exp_avg_sq_mean``); it agrees with
-    :math:`\operatorname{mean}(v_t)` to float rounding. On whole tensors the state is
-    dropped whenever another execution updates :math:`v`, and rebuilt from :math:`v`
+    $\bar v_t$ without a pass over $v_t$, from $\bar v_t =
+    \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t}) \operatorname{mean}(g_t^2)$,
+    keeping $\bar v$ in float64 (state `exp_avg_sq_mean`); it agrees with
+    $\operatorname{mean}(v_t)$ to float rounding. On whole tensors the state is
+    dropped whenever another execution updates $v$, and rebuilt from $v$
     when the fused execution next needs it.
     """
 
@@ -228,8 +229,9 @@ class SoftAdam(Optimizer):
         # device for groups with fused=True.
         for param_state in self.state.values():
             step = param_state.get("step")
-            if step is not None and not (isinstance(step, Tensor) and step.device.type == "cpu"
-                                         and step.dtype == _get_scalar_dtype()):
+            if step is not None and not (
+                isinstance(step, Tensor) and step.device.type == "cpu" and step.dtype == _get_scalar_dtype()
+            ):
                 param_state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
 
     def __getstate__(self) -> dict[str, Any]:
@@ -240,7 +242,7 @@ class SoftAdam(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, keeping float32 moments for low-precision parameters.
 
-        ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state
+        `torch.optim.Optimizer.load_state_dict` casts every floating-point state
         tensor to its parameter's dtype, which would round the float32 moments of a
         bfloat16 parameter to bfloat16 (and the fused execution's float64 mean of v to
         the parameter's dtype) and break bit-exact resumption. These tensors are
@@ -255,13 +257,11 @@ class SoftAdam(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for param_id, param in zip(saved_ids, params):
             for key, value in saved_moments.get(param_id, {}).items():
-                self.state[param][key] = value.to(
-                    device=param.device, dtype=_STATE_DTYPE_KEYS[key](param), copy=True
-                )
+                self.state[param][key] = value.to(device=param.device, dtype=_STATE_DTYPE_KEYS[key](param), copy=True)
 
     def _use_fused(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
-        """Whether this step of ``group`` runs a fused execution (see ``fused`` in the class doc).
-        ``params`` and ``grads`` are the local tensors (or pieces) the execution would update."""
+        """Whether this step of `group` runs a fused execution (see `fused` in the class doc).
+        `params` and `grads` are the local tensors (or pieces) the execution would update."""
         # An explicit foreach=True/False asks for that execution; fused needs None there.
         if group["fused"] is False or group["foreach"] is not None or not params:
             return False
@@ -281,7 +281,7 @@ class SoftAdam(Optimizer):
         return supported and fused_cpu_kernel() is not None
 
     def _plan(self, index: int, group: dict[str, Any]) -> _StepPlan:
-        """The tensors of ``group`` that this step updates, with their layout (layout.py)."""
+        """The tensors of `group` that this step updates, with their layout (layout.py)."""
         params = group["params"]
         stepped = [i for i, p in enumerate(params) if p.grad is not None]
         if any(params[i].grad.is_sparse for i in stepped):
@@ -294,11 +294,17 @@ class SoftAdam(Optimizer):
             _check_one_device(params, index)
             built_with = self._built_with[index] if index < len(self._built_with) else params
             names = group.get("param_names")
-            built_names = [f"'{names[i]}'" if names and len(names) == len(built_with) else f"{i} of param group {index}"
-                           for i in range(len(built_with))]
+            built_names = [
+                f"'{names[i]}'" if names and len(names) == len(built_with) else f"{i} of param group {index}"
+                for i in range(len(built_with))
+            ]
             layouts = [
-                tensor_layout(p, built_names[i] if i < len(built_with) and built_with[i] is p
-                              else f"{i} of param group {index}", built_with, built_names)
+                tensor_layout(
+                    p,
+                    built_names[i] if i < len(built_with) and built_with[i] is p else f"{i} of param group {index}",
+                    built_with,
+                    built_names,
+                )
                 for i, p in enumerate(params)
             ]
             if torch.compiler.is_compiling() and any(layout.engine != "plain" for layout in layouts):
@@ -332,10 +338,10 @@ class SoftAdam(Optimizer):
         return exp_avgs, exp_avg_sqs, state_steps
 
     def _exp_avg_sq_means(self, plan: _StepPlan, exp_avg_sqs: list[Tensor], keep: bool) -> Optional[list[Tensor]]:
-        """Per entry (layout.py), the float64 ``mean(v)`` of its whole original tensor as of the
-        previous step, when ``keep``: state ``exp_avg_sq_mean``, one 0-dim tensor per stepped
-        tensor, or one entry per piece for tensors that hold several. Rebuilt from ``v`` where
-        absent. Otherwise dropped: another execution is about to update ``v`` without it,
+        """Per entry (layout.py), the float64 `mean(v)` of its whole original tensor as of the
+        previous step, when `keep`: state `exp_avg_sq_mean`, one 0-dim tensor per stepped
+        tensor, or one entry per piece for tensors that hold several. Rebuilt from `v` where
+        absent. Otherwise dropped: another execution is about to update `v` without it,
         which would leave it stale."""
         if not keep:
             for p in plan.params:
@@ -353,7 +359,8 @@ class SoftAdam(Optimizer):
                 multi = layout.layouts[layout.stepped[k]].pieces is not None
                 size = pieces_per_tensor[k]
                 self.state[plan.params[k]]["exp_avg_sq_mean"] = torch.zeros(
-                    size if multi else (), dtype=torch.float64, device=local(plan.params[k]).device)
+                    size if multi else (), dtype=torch.float64, device=local(plan.params[k]).device
+                )
             missing = []
         if missing:
             # mean(v) over each whole original tensor: summed over the local pieces and, for
@@ -365,7 +372,7 @@ class SoftAdam(Optimizer):
             start = 0
             for k, count in enumerate(pieces_per_tensor):
                 if k in missing:
-                    value = means[start:start + count].clone()
+                    value = means[start : start + count].clone()
                     multi = layout.layouts[layout.stepped[k]].pieces is not None
                     self.state[plan.params[k]]["exp_avg_sq_mean"] = value if multi else value.reshape(())
                 start += count
@@ -392,8 +399,10 @@ class SoftAdam(Optimizer):
         # the mean of v, and with it every element's step, of its whole tensor NaN. The sums
         # are over whole original tensors (added up across ranks where they are sharded), so
         # every rank takes the same decision.
-        plans = [self._plan(self._group_index.get(id(group), position), group)
-                 for position, group in enumerate(self.param_groups)]
+        plans = [
+            self._plan(self._group_index.get(id(group), position), group)
+            for position, group in enumerate(self.param_groups)
+        ]
         grad_sq_sums = [plan.layout.whole_sums(_sums(plan.layout.views(plan.grads), square=True)) for plan in plans]
         if not self._gradients_finite(plans, grad_sq_sums):
             self.skipped_steps += 1
@@ -432,15 +441,19 @@ class SoftAdam(Optimizer):
 
     def _gradients_finite(self, plans: list[_StepPlan], grad_sq_sums: list[tuple[Tensor, list[Tensor]]]) -> bool:
         """True when every sum of squared gradients is finite. Otherwise False, to skip the
-        step, when every group with a non-finite gradient has ``nonfinite="skip"``; and a
-        ValueError naming the first such parameter when one has ``nonfinite="raise"``."""
+        step, when every group with a non-finite gradient has `nonfinite="skip"`; and a
+        ValueError naming the first such parameter when one has `nonfinite="raise"`."""
         # Meta tensors (shapes without values, for tracing and initialisation) have nothing to check.
-        flags = [torch.isfinite(sums).all() for sums, vectors in grad_sq_sums for sums in (sums, *vectors)
-                 if sums.device.type != "meta"]
+        flags = [
+            torch.isfinite(sums).all()
+            for sums, vectors in grad_sq_sums
+            for sums in (sums, *vectors)
+            if sums.device.type != "meta"
+        ]
         if not flags or bool(torch.stack([f.cpu() for f in flags]).all()):
             return True
         first = None
-        for index, (group, plan, (sums, vectors)) in enumerate(zip(self.param_groups, plans, grad_sq_sums)):
+        for group, plan, (sums, vectors) in zip(self.param_groups, plans, grad_sq_sums):
             bad = plan.layout.name_of_first_nonfinite(sums, vectors)
             if bad is not None and group["nonfinite"] == "raise":
                 first = bad
@@ -501,7 +514,7 @@ def _check_nonfinite(nonfinite: Any) -> None:
 
 
 def _check_one_device(params: list[Tensor], index: int) -> None:
-    """Raise ValueError unless every tensor of param group ``index`` is on one device.
+    """Raise ValueError unless every tensor of param group `index` is on one device.
 
     A group's means of v and its sums of squared gradients are reduced in one vector on
     one device, so a group cannot span devices; groups may each have their own."""
@@ -514,24 +527,28 @@ def _check_one_device(params: list[Tensor], index: int) -> None:
 
 
 def _kernel_can_update(tensor: Tensor) -> bool:
-    """Whether the fused CPU kernel can read and update ``tensor`` in place: a plain
+    """Whether the fused CPU kernel can read and update `tensor` in place: a plain
     contiguous CPU tensor (the local pieces of sharded parameters are, layout.py)."""
     return type(tensor) in _PLAIN_TYPES and tensor.is_cpu and tensor.is_contiguous()
 
 
 def _sums(tensors: list[Tensor], square: bool = False) -> Tensor:
-    r"""``sum(t)`` (``sum(t^2)`` with ``square``) of each local tensor, as a float64 vector on
+    r"""`sum(t)` (`sum(t^2)` with `square`) of each local tensor, as a float64 vector on
     their device.
 
-    With ``square``, over the gradients: the finiteness check of every step, and the
-    recurrence of :math:`\bar v`. Without, over ``v`` (which is never negative), to rebuild
-    :math:`\bar v` from it. Sums over whole tensors come from these through
-    ``GroupLayout.whole_sums``.
+    With `square`, over the gradients: the finiteness check of every step, and the
+    recurrence of $\bar v$. Without, over `v` (which is never negative), to rebuild
+    $\bar v$ from it. Sums over whole tensors come from these through
+    `GroupLayout.whole_sums`.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    if (square and not torch.compiler.is_compiling() and all(_kernel_can_update(t) for t in tensors)
-            and fused_cpu_kernel() is not None):
+    if (
+        square
+        and not torch.compiler.is_compiling()
+        and all(_kernel_can_update(t) for t in tensors)
+        and fused_cpu_kernel() is not None
+    ):
         return fused_cpu_kernel().grad_sq_sums(tensors)
     # float32 accumulation (float64 for float64 tensors), whatever the tensors' dtype
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -543,18 +560,16 @@ def _sums(tensors: list[Tensor], square: bool = False) -> Tensor:
 Scalar = Union[float, Tensor]
 
 
-def _step_coefficients(
-    step: Scalar, beta2: float, eta: float
-) -> tuple[Scalar, Scalar, Scalar, Scalar]:
+def _step_coefficients(step: Scalar, beta2: float, eta: float) -> tuple[Scalar, Scalar, Scalar, Scalar]:
     r"""The scalar part of one SoftAdam step, shared by every execution.
 
-    Returns ``(beta2_t, 1 - beta2_t, 1 + eta - eta*gamma, eta*gamma)``. In eager mode
-    ``step`` is a Python number and so are the results; under ``torch.compile`` it
+    Returns `(beta2_t, 1 - beta2_t, 1 + eta - eta*gamma, eta*gamma)`. In eager mode
+    `step` is a Python number and so are the results; under `torch.compile` it
     is the 0-dim step tensor, and the results are tensors, so the compiled graph does
     not specialise (and recompile) on the step count.
 
-    ``1 - beta2_t = max(1 - beta2, 1/t)`` is computed directly rather than as
-    ``1 - min(beta2, 1 - 1/t)`` to avoid a cancellation.
+    `1 - beta2_t = max(1 - beta2, 1/t)` is computed directly rather than as
+    `1 - min(beta2, 1 - 1/t)` to avoid a cancellation.
     """
     if isinstance(step, Tensor):
         second_moment_weight = (1.0 / step).clamp(min=1.0 - beta2)
@@ -593,31 +608,31 @@ def softadam(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    r"""Functional SoftAdam: apply one step to ``params`` in place.
+    r"""Functional SoftAdam: apply one step to `params` in place.
 
-    See :class:`SoftAdam` for the algorithm. ``exp_avgs`` and ``exp_avg_sqs`` are in
+    See `SoftAdam` for the algorithm. `exp_avgs` and `exp_avg_sqs` are in
     the state dtype of each parameter (float32 for bfloat16/float16 parameters);
-    ``state_steps`` are 0-dim tensors, advanced here once each (entries that are pieces of
+    `state_steps` are 0-dim tensors, advanced here once each (entries that are pieces of
     one tensor share its counter).
 
-    The entries may be pieces of larger original tensors (``SoftAdam`` passes the local
-    pieces of sharded and flattened parameters, ``layout.py``). :math:`\bar v` is then the
+    The entries may be pieces of larger original tensors (`SoftAdam` passes the local
+    pieces of sharded and flattened parameters, `layout.py`). $\bar v$ is then the
     mean over the whole original tensor, which this function cannot see: pass
-    ``exp_avg_sq_means`` (float64 0-dim tensors holding each whole tensor's
-    :math:`\bar v_{t-1}`, zero before the first step), ``grad_sq_sums`` (float64 vector of
-    each whole tensor's :math:`\sum g_t^2`) and ``numels`` (each whole tensor's number of
-    elements); :math:`\bar v_t = \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t})
-    \sum g_t^2 / n` is computed from them and written back into ``exp_avg_sq_means``, by
-    every execution. Without ``exp_avg_sq_means`` each entry is a whole tensor and the
-    per-tensor and foreach executions take :math:`\bar v_t = \operatorname{mean}(v_t)`
-    directly; ``grad_sq_sums`` and ``numels`` default to the entries' own.
+    `exp_avg_sq_means` (float64 0-dim tensors holding each whole tensor's
+    $\bar v_{t-1}$, zero before the first step), `grad_sq_sums` (float64 vector of
+    each whole tensor's $\sum g_t^2$) and `numels` (each whole tensor's number of
+    elements); $\bar v_t = \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t})
+    \sum g_t^2 / n$ is computed from them and written back into `exp_avg_sq_means`, by
+    every execution. Without `exp_avg_sq_means` each entry is a whole tensor and the
+    per-tensor and foreach executions take $\bar v_t = \operatorname{mean}(v_t)$
+    directly; `grad_sq_sums` and `numels` default to the entries' own.
 
-    ``fused=True`` runs the fused CPU kernel (or, for parameters on another device, the
-    ``torch.compile``-d execution) and needs ``exp_avg_sq_means``. ``fused=None`` means
-    False in this functional form; :class:`SoftAdam` picks.
+    `fused=True` runs the fused CPU kernel (or, for parameters on another device, the
+    `torch.compile`-d execution) and needs `exp_avg_sq_means`. `fused=None` means
+    False in this functional form; `SoftAdam` picks.
 
-    ``lr`` may be a one-element tensor. In eager mode its value is read once per call (for
-    an lr on an accelerator, one device synchronisation); under ``torch.compile`` it enters
+    `lr` may be a one-element tensor. In eager mode its value is read once per call (for
+    an lr on an accelerator, one device synchronisation); under `torch.compile` it enters
     the graph as a tensor, so changing it does not recompile.
     """
     if isinstance(lr, Tensor):
@@ -665,11 +680,10 @@ def softadam(
 def _advance_means(
     means: list[Tensor], grad_sq_sums: Tensor, numels: list[int], state_steps: list[Tensor], beta2: float
 ) -> None:
-    r""":math:`\bar v_t = \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t}) \sum g_t^2 / n`, in float64,
+    r"""$\bar v_t = \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t}) \sum g_t^2 / n$, in float64,
     in place: the mean of v follows the same recurrence as v, so it needs no pass over v."""
     device = means[0].device
-    weights = torch.tensor([_step_coefficients(_get_value(s), beta2, 0.0)[1] for s in state_steps],
-                           dtype=torch.float64)
+    weights = torch.tensor([_step_coefficients(_get_value(s), beta2, 0.0)[1] for s in state_steps], dtype=torch.float64)
     sizes = torch.tensor([max(n, 1) for n in numels], dtype=torch.float64)
     old = torch.stack([m.to(torch.float64) for m in means]).to(device)
     new = (1.0 - weights).to(device) * old + weights.to(device) * (grad_sq_sums.to(device) / sizes.to(device))
@@ -696,9 +710,7 @@ def _single_tensor_softadam(
     for i, (param, grad, exp_avg, exp_avg_sq, step_t) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     ):
-        beta2_t, second_moment_weight, denom_offset, denom_scale = _step_coefficients(
-            _get_value(step_t), beta2, eta
-        )
+        beta2_t, second_moment_weight, denom_offset, denom_scale = _step_coefficients(_get_value(step_t), beta2, eta)
         # Low-precision parameters: do the arithmetic on a float32 copy.
         work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
         grad = grad.to(exp_avg.dtype)
@@ -753,21 +765,23 @@ def _multi_tensor_softadam(
     if len(params) == 0:
         return
     grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, state_steps], with_indices=True  # type: ignore[list-item]
+        [params, grads, exp_avgs, exp_avg_sqs, state_steps],
+        with_indices=True,  # type: ignore[list-item]
     )
-    for (device_params_, device_grads_, device_exp_avgs_, device_exp_avg_sqs_, device_steps_), indices \
-            in grouped.values():
+    for (
+        device_params_,
+        device_grads_,
+        device_exp_avgs_,
+        device_exp_avg_sqs_,
+        device_steps_,
+    ), indices in grouped.values():
         device_params: list[Tensor] = list(device_params_)  # type: ignore[arg-type]
         device_exp_avgs: list[Tensor] = list(device_exp_avgs_)  # type: ignore[arg-type]
         device_exp_avg_sqs: list[Tensor] = list(device_exp_avg_sqs_)  # type: ignore[arg-type]
         device_steps: list[Tensor] = list(device_steps_)  # type: ignore[arg-type]
         state_dtype = device_exp_avgs[0].dtype
         # Low-precision parameters: do the arithmetic on float32 copies.
-        work = (
-            device_params
-            if device_params[0].dtype == state_dtype
-            else [p.to(state_dtype) for p in device_params]
-        )
+        work = device_params if device_params[0].dtype == state_dtype else [p.to(state_dtype) for p in device_params]
         device_grads = [g.to(state_dtype) for g in device_grads_]  # type: ignore[union-attr]
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
@@ -865,8 +879,22 @@ def _fused_softadam(
     beta2_t, weight, denom_offset, denom_scale = _fused_coefficients(state_steps, beta2, eta)
     means = torch.stack(exp_avg_sq_means).tolist() if eta != 0 else [0.0] * len(params)
     kernel.fused_softadam_(
-        params, grads, exp_avgs, exp_avg_sqs, means, beta2_t, weight, denom_offset, denom_scale,
-        lr, beta1, eps * eps, eta, weight_decay, nesterov, maximize,  # eps^2 floored per dtype there
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        means,
+        beta2_t,
+        weight,
+        denom_offset,
+        denom_scale,
+        lr,
+        beta1,
+        eps * eps,
+        eta,
+        weight_decay,
+        nesterov,
+        maximize,  # eps^2 floored per dtype there
     )
 
 
@@ -888,7 +916,7 @@ def _compiled_softadam(
     maximize: bool,
 ) -> None:
     """The fused algorithm (mean of v by its recurrence, advanced by the caller) as one
-    ``torch.compile``-d function: on CUDA, Triton kernels that each update a tensor in one
+    `torch.compile`-d function: on CUDA, Triton kernels that each update a tensor in one
     pass. Every per-step number enters as a device tensor, so the graph compiles once."""
     if len(params) == 0:
         return
@@ -897,13 +925,20 @@ def _compiled_softadam(
     rows = [*coefficients, [-lr * (1 + eta)] * n, [1 - lr * weight_decay] * n]
     table = torch.tensor(rows, dtype=torch.float64).t().contiguous().to(params[0].device, non_blocking=True)
     means = torch.stack(exp_avg_sq_means).to(params[0].device)
-    _compiled_step()(params, grads, exp_avgs, exp_avg_sqs, means, table, beta1, eps * eps, eta != 0, nesterov,
-                     maximize)
+    _compiled_step()(params, grads, exp_avgs, exp_avg_sqs, means, table, beta1, eps * eps, eta != 0, nesterov, maximize)
 
 
 def _step_body(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    means: Tensor, table: Tensor, beta1: float, eps_squared: float, use_denom: bool, nesterov: bool,
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    means: Tensor,
+    table: Tensor,
+    beta1: float,
+    eps_squared: float,
+    use_denom: bool,
+    nesterov: bool,
     maximize: bool,
 ) -> None:
     # The arithmetic of csrc/fused_softadam_cpu.cpp, tensor by tensor (unrolled by the

@@ -24,8 +24,12 @@ from softadam_nlp import SoftAdam
 
 STEPS = 5
 BATCH = 8
-EXECUTIONS = {"per-tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
-              "default": {}}
+EXECUTIONS = {
+    "per-tensor": dict(foreach=False),
+    "foreach": dict(foreach=True),
+    "fused": dict(fused=True),
+    "default": {},
+}
 
 
 def build_model() -> torch.nn.Module:
@@ -33,7 +37,9 @@ def build_model() -> torch.nn.Module:
     torch.manual_seed(0)
     layer = dict(d_model=12, nhead=2, dim_feedforward=21, dropout=0.0, batch_first=True)
     return torch.nn.Sequential(
-        torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(**layer), num_layers=2, enable_nested_tensor=False),
+        torch.nn.TransformerEncoder(
+            torch.nn.TransformerEncoderLayer(**layer), num_layers=2, enable_nested_tensor=False
+        ),
         torch.nn.Linear(12, 7),
     )
 
@@ -43,15 +49,16 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(BATCH, 5, 12, generator=g), torch.randn(BATCH, 5, 7, generator=g)) for _ in range(STEPS)]
 
 
-def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int | None,
-          world: int = 2) -> list[dict[str, torch.Tensor]]:
+def train(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int | None, world: int = 2
+) -> list[dict[str, torch.Tensor]]:
     """STEPS steps; with a rank, on that rank's contiguous share of each batch. Returns the
     full parameters after every step."""
     snapshots = []
     for inputs, targets in batches():
         if rank is not None:
             share = BATCH // world
-            inputs, targets = inputs[rank * share:(rank + 1) * share], targets[rank * share:(rank + 1) * share]
+            inputs, targets = inputs[rank * share : (rank + 1) * share], targets[rank * share : (rank + 1) * share]
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(inputs), targets).backward()
         optimizer.step()
@@ -60,8 +67,10 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int | 
 
 
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for name, p in model.named_parameters()}
+    return {
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for name, p in model.named_parameters()
+    }
 
 
 @contextlib.contextmanager
@@ -136,11 +145,11 @@ def main(out: Path) -> None:
     before = full_parameters(model.module)
     inputs, targets = batches()[0]
     share = BATCH // 2
-    inputs = inputs[rank * share:(rank + 1) * share].clone()
+    inputs = inputs[rank * share : (rank + 1) * share].clone()
     if rank == 1:
         inputs[0, 0, 0] = float("nan")
     optimizer.zero_grad()
-    torch.nn.functional.mse_loss(model(inputs), targets[rank * share:(rank + 1) * share]).backward()
+    torch.nn.functional.mse_loss(model(inputs), targets[rank * share : (rank + 1) * share]).backward()
     try:
         optimizer.step()
         outcome = "stepped"

@@ -17,8 +17,9 @@ BIN = Path(sys.executable).parent
 def run_tool(tool: str, *args: object, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run a fairseq console script (fairseq-train, ...) from this environment."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    result = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd, env=env, timeout=900)
+    result = subprocess.run(
+        [str(BIN / tool), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=900
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{tool} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
@@ -66,28 +67,74 @@ def write_markov_text(directory: Path, seed: int = 0) -> None:
 
 
 TINY_TRANSFORMER = [
-    "--arch", "transformer", "--encoder-layers", 1, "--decoder-layers", 1,
-    "--encoder-embed-dim", 64, "--decoder-embed-dim", 64,
-    "--encoder-ffn-embed-dim", 128, "--decoder-ffn-embed-dim", 128,
-    "--encoder-attention-heads", 4, "--decoder-attention-heads", 4,
-    "--share-decoder-input-output-embed", "--dropout", 0.1,
+    "--arch",
+    "transformer",
+    "--encoder-layers",
+    1,
+    "--decoder-layers",
+    1,
+    "--encoder-embed-dim",
+    64,
+    "--decoder-embed-dim",
+    64,
+    "--encoder-ffn-embed-dim",
+    128,
+    "--decoder-ffn-embed-dim",
+    128,
+    "--encoder-attention-heads",
+    4,
+    "--decoder-attention-heads",
+    4,
+    "--share-decoder-input-output-embed",
+    "--dropout",
+    0.1,
 ]
 
 COMMON = [
-    "--cpu", "--user-dir", PLUGIN_DIR, "--max-tokens", 1000, "--seed", 1, "--clip-norm", 1.0,
-    "--log-format", "json", "--log-interval", 1, "--no-epoch-checkpoints",
+    "--cpu",
+    "--user-dir",
+    PLUGIN_DIR,
+    "--max-tokens",
+    1000,
+    "--seed",
+    1,
+    "--clip-norm",
+    1.0,
+    "--log-format",
+    "json",
+    "--log-interval",
+    1,
+    "--no-epoch-checkpoints",
 ]
 
 
-def translation_args(data_bin: Path, save_dir: Path, *extra: object, lr: float = 1.0,
-                     total_updates: int = 300) -> list[object]:
+def translation_args(
+    data_bin: Path, save_dir: Path, *extra: object, lr: float = 1.0, total_updates: int = 300
+) -> list[object]:
     """fairseq-train arguments for SoftAdam without warmup, linear decay to 0 at total_updates."""
     return [
-        data_bin, "--task", "translation", *TINY_TRANSFORMER, *COMMON,
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", 0.1,
-        "--optimizer", "softadam", "--lr", lr, "--softadam-eta", 1.0,
-        "--lr-scheduler", "polynomial_decay", "--total-num-update", total_updates,
-        "--save-dir", save_dir, *extra,
+        data_bin,
+        "--task",
+        "translation",
+        *TINY_TRANSFORMER,
+        *COMMON,
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        0.1,
+        "--optimizer",
+        "softadam",
+        "--lr",
+        lr,
+        "--softadam-eta",
+        1.0,
+        "--lr-scheduler",
+        "polynomial_decay",
+        "--total-num-update",
+        total_updates,
+        "--save-dir",
+        save_dir,
+        *extra,
     ]
 
 
@@ -96,9 +143,23 @@ def make_reversal_data_bin(raw: Path) -> Path:
     (inside ``raw``: pytest's temporary folders of different modules share a parent)."""
     write_reversal_corpus(raw)
     out = raw / "data-bin"
-    run_tool("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
-             "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
-             "--destdir", out, "--workers", 1)
+    run_tool(
+        "fairseq-preprocess",
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        "--trainpref",
+        raw / "train",
+        "--validpref",
+        raw / "valid",
+        "--testpref",
+        raw / "test",
+        "--destdir",
+        out,
+        "--workers",
+        1,
+    )
     return out
 
 
@@ -110,6 +171,21 @@ def make_translation_data_bin(root: Path) -> Path:
         (raw / f"{split}.src").rename(raw / f"{split}.de")
         (raw / f"{split}.tgt").rename(raw / f"{split}.en")
     out = root / "bin"
-    run_tool("fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--trainpref", raw / "train",
-             "--validpref", raw / "valid", "--testpref", raw / "test", "--destdir", out, "--workers", 1)
+    run_tool(
+        "fairseq-preprocess",
+        "--source-lang",
+        "de",
+        "--target-lang",
+        "en",
+        "--trainpref",
+        raw / "train",
+        "--validpref",
+        raw / "valid",
+        "--testpref",
+        raw / "test",
+        "--destdir",
+        out,
+        "--workers",
+        1,
+    )
     return out

@@ -13,5 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 def run_repo_script(relative_path: str, *args: object, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
     """``python REPO/relative_path ARGS`` with the repository importable; output captured."""
     environment = dict(os.environ, PYTHONPATH=str(REPO), **env)
-    return subprocess.run([sys.executable, str(REPO / relative_path), *map(str, args)],
-                          capture_output=True, text=True, env=environment, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / relative_path), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+    )

@@ -30,21 +30,31 @@ from softadam_nlp import SoftAdam
 STEPS = 5
 BATCH = 8
 LR = 0.1
-EXECUTIONS = {"per-tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
-              "default": {}}
+EXECUTIONS = {
+    "per-tensor": dict(foreach=False),
+    "foreach": dict(foreach=True),
+    "fused": dict(fused=True),
+    "default": {},
+}
 CLIP = 1.0  # below the gradient norm of every step of this model (1.2 to 1.7), so clipping acts
 
 
 def build_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Embedding(11, 5), torch.nn.Linear(5, 21), torch.nn.Tanh(),
-                               torch.nn.Linear(21, 7), torch.nn.LayerNorm(7))
+    return torch.nn.Sequential(
+        torch.nn.Embedding(11, 5),
+        torch.nn.Linear(5, 21),
+        torch.nn.Tanh(),
+        torch.nn.Linear(21, 7),
+        torch.nn.LayerNorm(7),
+    )
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randint(0, 11, (BATCH, 3), generator=g), torch.randn(BATCH, 3, 7, generator=g))
-            for _ in range(STEPS)]
+    return [
+        (torch.randint(0, 11, (BATCH, 3), generator=g), torch.randn(BATCH, 3, 7, generator=g)) for _ in range(STEPS)
+    ]
 
 
 def param_groups(model: torch.nn.Module, grouped: bool | str) -> list[dict]:
@@ -55,12 +65,16 @@ def param_groups(model: torch.nn.Module, grouped: bool | str) -> list[dict]:
     if not grouped:
         return [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
     if grouped == "tail":
-        return [{"params": [p for _, p in named[:-3]], "param_names": [n for n, _ in named[:-3]]},
-                {"params": [p for _, p in named[-3:]], "param_names": [n for n, _ in named[-3:]], "lr": LR / 2}]
+        return [
+            {"params": [p for _, p in named[:-3]], "param_names": [n for n, _ in named[:-3]]},
+            {"params": [p for _, p in named[-3:]], "param_names": [n for n, _ in named[-3:]], "lr": LR / 2},
+        ]
     decay = [(n, p) for n, p in named if p.dim() > 1]
     rest = [(n, p) for n, p in named if p.dim() <= 1]
-    return [{"params": [p for _, p in decay], "param_names": [n for n, _ in decay], "weight_decay": 0.1, "lr": LR / 2},
-            {"params": [p for _, p in rest], "param_names": [n for n, _ in rest]}]
+    return [
+        {"params": [p for _, p in decay], "param_names": [n for n, _ in decay], "weight_decay": 0.1, "lr": LR / 2},
+        {"params": [p for _, p in rest], "param_names": [n for n, _ in rest]},
+    ]
 
 
 def loss_of(model: Callable, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -69,7 +83,7 @@ def loss_of(model: Callable, inputs: torch.Tensor, targets: torch.Tensor) -> tor
 
 def share(tensor: torch.Tensor, rank: int) -> torch.Tensor:
     half = BATCH // 2
-    return tensor[rank * half:(rank + 1) * half]
+    return tensor[rank * half : (rank + 1) * half]
 
 
 def reference(execution: dict, grouped: bool | str = False, clip: float | None = None) -> list[dict[str, torch.Tensor]]:
@@ -99,14 +113,20 @@ def relative_error(ours: list[dict[str, torch.Tensor]], want: list[dict[str, tor
 
 # --- FSDP1 -------------------------------------------------------------------------------
 
+
 def fsdp1_model(strategy: str, use_orig_params: bool, per_module: bool) -> torch.nn.Module:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     policy = ModuleWrapPolicy({torch.nn.Linear, torch.nn.Embedding}) if per_module else None
-    return FSDP(build_model(), sharding_strategy=getattr(ShardingStrategy, strategy), use_orig_params=use_orig_params,
-                auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    return FSDP(
+        build_model(),
+        sharding_strategy=getattr(ShardingStrategy, strategy),
+        use_orig_params=use_orig_params,
+        auto_wrap_policy=policy,
+        device_id=torch.device("cpu"),
+    )
 
 
 def fsdp1_full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -131,8 +151,12 @@ def train_fsdp1(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: 
     return snapshots
 
 
-FSDP1_SETTINGS = [(strategy, orig, per_module) for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
-                  for orig in (False, True) for per_module in (False, True)]
+FSDP1_SETTINGS = [
+    (strategy, orig, per_module)
+    for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+    for orig in (False, True)
+    for per_module in (False, True)
+]
 
 
 def fsdp1_case(strategy: str, orig: bool, per_module: bool) -> str:
@@ -141,14 +165,20 @@ def fsdp1_case(strategy: str, orig: bool, per_module: bool) -> str:
 
 # --- DeepSpeed -----------------------------------------------------------------------------
 
+
 def deepspeed_engine(stage: int, grouped: bool, clip: float | None, execution: dict):
     import deepspeed
 
     model = build_model()
     optimizer = SoftAdam(param_groups(model, grouped), lr=LR, **execution)
-    config = {"train_micro_batch_size_per_gpu": BATCH // 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-              "gradient_clipping": clip or 0.0, "steps_per_print": 10**9}
+    config = {
+        "train_micro_batch_size_per_gpu": BATCH // 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": clip or 0.0,
+        "steps_per_print": 10**9,
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, model, optimizer
@@ -178,6 +208,7 @@ def deepspeed_case(stage: int, grouped: bool, clip: float | None) -> str:
 
 
 # --- the cases ---------------------------------------------------------------------------------
+
 
 def outcome_of(step: Callable[[], object]) -> str:
     try:
@@ -316,15 +347,17 @@ def main(out: Path) -> None:
         for name, execution in EXECUTIONS.items():
             model = fsdp1_model(*setting)
             optimizer = SoftAdam(model.parameters(), lr=LR, **execution)
-            results[f"{fsdp1_case(*setting)}-{name}"] = relative_error(train_fsdp1(model, optimizer, rank),
-                                                                       references[name])
+            results[f"{fsdp1_case(*setting)}-{name}"] = relative_error(
+                train_fsdp1(model, optimizer, rank), references[name]
+            )
     # Two param groups over use_orig_params views, the second all in rank 1's shard: rank 0
     # steps nothing of it, and must still take part in its all-reduce.
     for name, execution in EXECUTIONS.items():
         model = fsdp1_model("FULL_SHARD", True, per_module=False)
         optimizer = SoftAdam(param_groups(model, grouped="tail"), lr=LR, **execution)
-        results[f"fsdp1-two-groups-{name}"] = relative_error(train_fsdp1(model, optimizer, rank),
-                                                             reference(execution, grouped="tail"))
+        results[f"fsdp1-two-groups-{name}"] = relative_error(
+            train_fsdp1(model, optimizer, rank), reference(execution, grouped="tail")
+        )
 
     with quiet_deepspeed():
         for setting in DEEPSPEED_SETTINGS:
@@ -332,7 +365,8 @@ def main(out: Path) -> None:
             for name, execution in EXECUTIONS.items():
                 engine, model, _ = deepspeed_engine(stage, grouped, clip, execution)
                 results[f"{deepspeed_case(*setting)}-{name}"] = relative_error(
-                    train_deepspeed(engine, model, rank), reference(execution, grouped, clip))
+                    train_deepspeed(engine, model, rank), reference(execution, grouped, clip)
+                )
 
         for orig in (False, True):
             results[f"nonfinite-fsdp1-orig{orig}-rank{rank}"] = nonfinite_fsdp1(rank, orig)
@@ -342,8 +376,9 @@ def main(out: Path) -> None:
             for orig in (False, True):
                 results[f"resume-fsdp1-orig{orig}-{name}"] = resume_fsdp1(rank, orig, EXECUTIONS[name])
             for stage in (1, 2):
-                results[f"resume-zero{stage}-{name}"] = resume_deepspeed(rank, stage, EXECUTIONS[name],
-                                                                        out / f"ds-{stage}-{name}")
+                results[f"resume-zero{stage}-{name}"] = resume_deepspeed(
+                    rank, stage, EXECUTIONS[name], out / f"ds-{stage}-{name}"
+                )
         results[f"refusal-zero3-rank{rank}"] = refusal_zero3(rank)
 
     gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]

@@ -12,15 +12,29 @@ import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from softadam_nlp.experiments.bptt import (
-    BPTTSegments, BPTTTrainer, batchify_streams, draw_segment_length, epoch_segment_lengths, evaluate_stream,
+    BPTTSegments,
+    BPTTTrainer,
+    batchify_streams,
+    draw_segment_length,
+    epoch_segment_lengths,
+    evaluate_stream,
     segment_count,
 )
 from softadam_nlp.models.awd_lstm import (
-    AWDLSTMConfig, AWDLSTMForLanguageModeling, WeightDropLSTM, embedding_dropout, locked_dropout,
+    AWDLSTMConfig,
+    AWDLSTMForLanguageModeling,
+    WeightDropLSTM,
+    embedding_dropout,
+    locked_dropout,
 )
 
-NO_DROPOUT = {"dropout_output": 0.0, "dropout_hidden": 0.0, "dropout_input": 0.0, "dropout_embedding": 0.0,
-              "weight_drop": 0.0}
+NO_DROPOUT = {
+    "dropout_output": 0.0,
+    "dropout_hidden": 0.0,
+    "dropout_input": 0.0,
+    "dropout_embedding": 0.0,
+    "weight_drop": 0.0,
+}
 
 
 def small_model(**overrides) -> AWDLSTMForLanguageModeling:
@@ -75,7 +89,9 @@ def test_trainers_best_model_reload_restores_the_tied_decoder(tmp_path) -> None:
     assert other.decoder.weight is other.embedding.weight and torch.equal(model(x).logits, other(x).logits)
 
 
-@pytest.mark.parametrize("field, value", [("weight_drop", 1.0), ("dropout_input", -0.1), ("num_layers", 0), ("alpha", -1)])
+@pytest.mark.parametrize(
+    "field, value", [("weight_drop", 1.0), ("dropout_input", -0.1), ("num_layers", 0), ("alpha", -1)]
+)
 def test_config_rejects_bad_values(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"Invalid {field}"):
         AWDLSTMConfig(**{field: value})
@@ -238,14 +254,30 @@ def test_trainer_scales_lr_by_segment_length_and_resets_state_each_epoch(tmp_pat
         return forward(*args, hidden=hidden, **kwargs)
 
     model.forward = spy
-    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=3,
-                             per_device_eval_batch_size=2, learning_rate=0.5, lr_scheduler_type="constant",
-                             save_strategy="no", eval_strategy="epoch", report_to="none", use_cpu=True,
-                             logging_steps=5, max_grad_norm=0.0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=2,
+        per_device_train_batch_size=3,
+        per_device_eval_batch_size=2,
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        eval_strategy="epoch",
+        report_to="none",
+        use_cpu=True,
+        logging_steps=5,
+        max_grad_norm=0.0,
+    )
     optimizer = RecordingSGD(model.parameters(), lr=0.5)
     tokens = torch.randint(0, 23, (400,))
-    trainer = BPTTTrainer(model=model, args=args, train_tokens=tokens, eval_tokens=tokens[:100], bptt=10,
-                          optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)))
+    trainer = BPTTTrainer(
+        model=model,
+        args=args,
+        train_tokens=tokens,
+        eval_tokens=tokens[:100],
+        bptt=10,
+        optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)),
+    )
     segments = trainer.train_segments
     expected_lrs = []
     for epoch in (0, 1):

@@ -55,9 +55,7 @@ def quadratic_bound(initial_loss: float, max_step_size: float) -> float:
 @pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
 def test_noisy_ill_conditioned_quadratic(eta: float, foreach: bool) -> None:
     lr = 0.01
-    initial, final = noisy_quadratic_final_loss(
-        lambda p: SoftAdam(p, lr=lr, eta=eta, foreach=foreach), steps=1000
-    )
+    initial, final = noisy_quadratic_final_loss(lambda p: SoftAdam(p, lr=lr, eta=eta, foreach=foreach), steps=1000)
     bound = quadratic_bound(initial, lr * (1 + eta))
     assert final < bound, f"final loss {final:.4g} >= bound {bound:.4g} (initial {initial:.4g})"
 

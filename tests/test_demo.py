@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fairseq_cli import make_translation_data_bin
 from repo_scripts import run_repo_script
+
 from softadam_nlp.data import data_roots
 from softadam_nlp.data.ptb import batchify, find_ptb_dir, load_ptb
 from softadam_nlp.data.translation import find_translation_source
@@ -22,7 +22,9 @@ def write_tiny_ptb(directory: Path) -> None:
     words = [f"w{i}" for i in range(30)] + ["<unk>", "N"]
     directory.mkdir(parents=True, exist_ok=True)
     for split, lines in (("train", 400), ("valid", 60), ("test", 60)):
-        text = "\n".join(" " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + " " for _ in range(lines))
+        text = "\n".join(
+            " " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + " " for _ in range(lines)
+        )
         # Every word occurs in train, so valid/test have no out-of-vocabulary words.
         if split == "train":
             text += "\n " + " ".join(words) + " "

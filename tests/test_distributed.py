@@ -32,9 +32,19 @@ RTOL = 1e-5
 def distributed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("distributed")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "tests" / "distributed_worker.py"), str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(REPO / "tests" / "distributed_worker.py"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

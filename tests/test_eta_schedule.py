@@ -28,11 +28,14 @@ def trajectory(scheduler: EtaScheduler, steps: int) -> list[float]:
     return etas
 
 
-@pytest.mark.parametrize("schedule, expected", [
-    ("constant", {0: 2.0, 5: 2.0, 12: 2.0}),
-    ("linear", {0: 2.0, 5: 1.0, 10: 0.0, 12: 0.0}),
-    ("cosine", {0: 2.0, 5: 1.0, 10: 0.0, 12: 0.0}),
-])
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ("constant", {0: 2.0, 5: 2.0, 12: 2.0}),
+        ("linear", {0: 2.0, 5: 1.0, 10: 0.0, 12: 0.0}),
+        ("cosine", {0: 2.0, 5: 1.0, 10: 0.0, 12: 0.0}),
+    ],
+)
 def test_trajectories_at_chosen_steps(schedule: str, expected: dict[int, float]) -> None:
     params, opt = optimizer(eta=2.0)
     for p in params:
@@ -45,8 +48,16 @@ def test_trajectories_at_chosen_steps(schedule: str, expected: dict[int, float])
 
 
 def test_step_schedule_and_small_to_large() -> None:
-    assert [eta_at(t, "steps", 0.1, milestones=[3, 6], etas=[1.0, 4.0]) for t in range(8)] == \
-        [0.1, 0.1, 0.1, 1.0, 1.0, 1.0, 4.0, 4.0]
+    assert [eta_at(t, "steps", 0.1, milestones=[3, 6], etas=[1.0, 4.0]) for t in range(8)] == [
+        0.1,
+        0.1,
+        0.1,
+        1.0,
+        1.0,
+        1.0,
+        4.0,
+        4.0,
+    ]
     assert eta_at(4, "linear", 0.0, 4.0, total_steps=8) == 2.0  # SGD-like first, Adam-like later
 
 
@@ -127,15 +138,18 @@ def test_eta_zero_at_the_end_makes_sgd_steps() -> None:
                 torch.testing.assert_close(p.detach(), old - 0.05 * (0.9 * m + 0.1 * grad), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(schedule="exponential"), "unknown eta schedule 'exponential'"),
-    (dict(schedule="linear", total_steps=10), "needs eta_end >= 0"),
-    (dict(schedule="cosine", eta_end=0.0), "needs total_steps > 0"),
-    (dict(schedule="linear", eta_end=-1.0, total_steps=5), "needs eta_end >= 0"),
-    (dict(schedule="steps", milestones=[5, 2], etas=[1.0, 0.0]), "increasing positive"),
-    (dict(schedule="steps", milestones=[5], etas=[1.0, 0.0]), "same, non-zero length"),
-    (dict(schedule="linear", eta_end=[0.0, 1.0, 2.0], total_steps=5), "3 values for 1 parameter groups"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(schedule="exponential"), "unknown eta schedule 'exponential'"),
+        (dict(schedule="linear", total_steps=10), "needs eta_end >= 0"),
+        (dict(schedule="cosine", eta_end=0.0), "needs total_steps > 0"),
+        (dict(schedule="linear", eta_end=-1.0, total_steps=5), "needs eta_end >= 0"),
+        (dict(schedule="steps", milestones=[5, 2], etas=[1.0, 0.0]), "increasing positive"),
+        (dict(schedule="steps", milestones=[5], etas=[1.0, 0.0]), "same, non-zero length"),
+        (dict(schedule="linear", eta_end=[0.0, 1.0, 2.0], total_steps=5), "3 values for 1 parameter groups"),
+    ],
+)
 def test_bad_schedules_are_refused(kwargs: dict, message: str) -> None:
     w = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from test_fairseq_plugin import model, training_cfg  # noqa: E402  (also registers the plugin)
 from fairseq import optim  # noqa: E402
+from test_fairseq_plugin import model, training_cfg  # noqa: E402  (also registers the plugin)
 
 from softadam_nlp.eta_schedule import WithEtaSchedule, eta_at
 from softadam_nlp.hf import create_optimizer_and_scheduler
@@ -60,8 +59,20 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
-                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=40,
+            n_positions=8,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def trainer_run(out: Path, stop_at: int | None = None, resume: str | None = None):
@@ -81,13 +92,28 @@ def trainer_run(out: Path, stop_at: int | None = None, resume: str | None = None
 
     model = tiny_gpt2()
     tokens = torch.randint(0, 40, (16, 8), generator=torch.Generator().manual_seed(1))
-    args = TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=0.01,
-                             lr_scheduler_type="linear", save_strategy="steps", save_steps=3, report_to=[],
-                             use_cpu=True, seed=0, logging_steps=1)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=0.01,
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=3,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        logging_steps=1,
+    )
     optimizers = create_optimizer_and_scheduler(model, args, eta_schedule="linear", eta_end=0.0)
     assert isinstance(optimizers[1], WithEtaSchedule)
-    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": t, "labels": t} for t in tokens],
-                      optimizers=optimizers, callbacks=[Watch()])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=[{"input_ids": t, "labels": t} for t in tokens],
+        optimizers=optimizers,
+        callbacks=[Watch()],
+    )
     trainer.train(resume_from_checkpoint=resume)
     return used, model
 

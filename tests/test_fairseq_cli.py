@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 import sacrebleu
 import torch
-
 from fairseq_cli import (
-    COMMON, PLUGIN_DIR, make_reversal_data_bin, run_tool, train_log, translation_args, write_markov_text,
+    COMMON,
+    PLUGIN_DIR,
+    make_reversal_data_bin,
+    run_tool,
+    train_log,
+    translation_args,
+    write_markov_text,
 )
 
 TOTAL = 300  # updates of the main run (20 epochs of 15 updates)
@@ -46,18 +51,21 @@ def test_loss_falls_and_lr_decays_linearly_to_zero_without_warmup(main_run) -> N
 def _params_after_one_update(data_bin: Path, save_dir: Path, *scheduler: object) -> dict:
     args = translation_args(data_bin, save_dir, "--max-update", 1, "--disable-validation")
     i = args.index("--lr-scheduler")
-    args[i:i + 4] = list(scheduler)  # replace "--lr-scheduler polynomial_decay --total-num-update N"
+    args[i : i + 4] = list(scheduler)  # replace "--lr-scheduler polynomial_decay --total-num-update N"
     run_tool("fairseq-train", *args)
     return torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
 
 
 def test_first_update_runs_at_the_full_learning_rate(data_bin: Path, tmp_path: Path) -> None:
-    linear = _params_after_one_update(data_bin, tmp_path / "linear", "--lr-scheduler", "polynomial_decay",
-                                      "--total-num-update", TOTAL)
-    constant = _params_after_one_update(data_bin, tmp_path / "constant", "--lr-scheduler", "fixed",
-                                        "--warmup-updates", 0)
-    warmup = _params_after_one_update(data_bin, tmp_path / "warmup", "--lr-scheduler", "inverse_sqrt",
-                                      "--warmup-updates", 100)
+    linear = _params_after_one_update(
+        data_bin, tmp_path / "linear", "--lr-scheduler", "polynomial_decay", "--total-num-update", TOTAL
+    )
+    constant = _params_after_one_update(
+        data_bin, tmp_path / "constant", "--lr-scheduler", "fixed", "--warmup-updates", 0
+    )
+    warmup = _params_after_one_update(
+        data_bin, tmp_path / "warmup", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", 100
+    )
     assert all(torch.equal(linear[k], constant[k]) for k in linear)
     assert not all(torch.equal(linear[k], warmup[k]) for k in linear)  # the comparison can tell
 
@@ -70,17 +78,34 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(data_bin: Pa
     # which moves the loss by float rounding alone. That isolates what the plugin owns:
     # SoftAdam's state and the learning-rate schedule across --restore-file.
     def args(save_dir: Path, *extra: object) -> list[object]:
-        return translation_args(data_bin, save_dir, "--train-subset", "valid", "--max-tokens", 4000,
-                                "--required-batch-size-multiple", 1, "--dropout", 0.0,
-                                "--disable-validation", *extra, total_updates=30)
+        return translation_args(
+            data_bin,
+            save_dir,
+            "--train-subset",
+            "valid",
+            "--max-tokens",
+            4000,
+            "--required-batch-size-multiple",
+            1,
+            "--dropout",
+            0.0,
+            "--disable-validation",
+            *extra,
+            total_updates=30,
+        )
 
     uninterrupted = train_log(run_tool("fairseq-train", *args(tmp_path / "straight", "--max-update", 30)))
     run_tool("fairseq-train", *args(tmp_path / "first", "--max-update", 20))
     checkpoint = tmp_path / "first" / "checkpoint_last.pt"
-    resumed = train_log(run_tool("fairseq-train", *args(tmp_path / "second", "--max-update", 30,
-                                                          "--restore-file", checkpoint)))
-    reset = train_log(run_tool("fairseq-train", *args(tmp_path / "third", "--max-update", 30,
-                                                        "--restore-file", checkpoint, "--reset-optimizer")))
+    resumed = train_log(
+        run_tool("fairseq-train", *args(tmp_path / "second", "--max-update", 30, "--restore-file", checkpoint))
+    )
+    reset = train_log(
+        run_tool(
+            "fairseq-train",
+            *args(tmp_path / "third", "--max-update", 30, "--restore-file", checkpoint, "--reset-optimizer"),
+        )
+    )
     assert [int(r["num_updates"]) for r in resumed] == list(range(21, 31))
     expected = {r["num_updates"]: r for r in uninterrupted}
 
@@ -96,9 +121,23 @@ def test_reset_optimizer_starts_fresh_state_from_the_trained_model(data_bin: Pat
     save_dir, log = main_run
     shutil.copy(save_dir / "checkpoint_last.pt", tmp_path / "start.pt")
     # fairseq's --reset-optimizer also restarts the update counter.
-    fresh = train_log(run_tool("fairseq-train", *translation_args(
-        data_bin, tmp_path / "reset", "--max-update", 5, "--restore-file", tmp_path / "start.pt",
-        "--reset-optimizer", "--reset-lr-scheduler", "--disable-validation", total_updates=5)))
+    fresh = train_log(
+        run_tool(
+            "fairseq-train",
+            *translation_args(
+                data_bin,
+                tmp_path / "reset",
+                "--max-update",
+                5,
+                "--restore-file",
+                tmp_path / "start.pt",
+                "--reset-optimizer",
+                "--reset-lr-scheduler",
+                "--disable-validation",
+                total_updates=5,
+            ),
+        )
+    )
     state = torch.load(tmp_path / "reset" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     steps = {s["step"].item() for s in state["last_optimizer_state"]["state"].values()}
     assert steps == {5.0}  # SoftAdam's step count restarted with the optimizer
@@ -110,9 +149,21 @@ def test_generate_decodes_the_test_split_and_sacrebleu_scores_it(data_bin: Path,
     save_dir, _ = main_run
     # fairseq-fixed 0.12.3.1 silently leaves out a final batch smaller than
     # --required-batch-size-multiple (default 8): 96 of these 100 sentences otherwise.
-    result = run_tool("fairseq-generate", data_bin, "--user-dir", PLUGIN_DIR, "--cpu",
-                      "--path", save_dir / "checkpoint_last.pt", "--beam", 4, "--batch-size", 50,
-                      "--required-batch-size-multiple", 1)
+    result = run_tool(
+        "fairseq-generate",
+        data_bin,
+        "--user-dir",
+        PLUGIN_DIR,
+        "--cpu",
+        "--path",
+        save_dir / "checkpoint_last.pt",
+        "--beam",
+        4,
+        "--batch-size",
+        50,
+        "--required-batch-size-multiple",
+        1,
+    )
     hyps, refs = {}, {}
     for line in result.stdout.splitlines():
         if line.startswith("H-"):
@@ -129,41 +180,94 @@ def test_generate_decodes_the_test_split_and_sacrebleu_scores_it(data_bin: Path,
 
 def test_language_modeling_task(tmp_path: Path) -> None:
     write_markov_text(tmp_path / "raw")
-    run_tool("fairseq-preprocess", "--only-source", "--trainpref", tmp_path / "raw" / "train.txt",
-             "--validpref", tmp_path / "raw" / "valid.txt", "--testpref", tmp_path / "raw" / "test.txt",
-             "--destdir", tmp_path / "bin", "--workers", 1)
-    log = train_log(run_tool(
-        "fairseq-train", tmp_path / "bin", "--task", "language_modeling", "--arch", "transformer_lm",
-        "--decoder-layers", 1, "--decoder-embed-dim", 64, "--decoder-ffn-embed-dim", 128,
-        "--decoder-attention-heads", 4, "--share-decoder-input-output-embed", "--dropout", 0.0,
-        "--tokens-per-sample", 64, "--sample-break-mode", "none", *COMMON,
-        "--optimizer", "softadam", "--lr", 0.5, "--softadam-nesterov",
-        "--lr-scheduler", "polynomial_decay", "--total-num-update", 150, "--max-update", 150,
-        "--save-dir", tmp_path / "ck"))
+    run_tool(
+        "fairseq-preprocess",
+        "--only-source",
+        "--trainpref",
+        tmp_path / "raw" / "train.txt",
+        "--validpref",
+        tmp_path / "raw" / "valid.txt",
+        "--testpref",
+        tmp_path / "raw" / "test.txt",
+        "--destdir",
+        tmp_path / "bin",
+        "--workers",
+        1,
+    )
+    log = train_log(
+        run_tool(
+            "fairseq-train",
+            tmp_path / "bin",
+            "--task",
+            "language_modeling",
+            "--arch",
+            "transformer_lm",
+            "--decoder-layers",
+            1,
+            "--decoder-embed-dim",
+            64,
+            "--decoder-ffn-embed-dim",
+            128,
+            "--decoder-attention-heads",
+            4,
+            "--share-decoder-input-output-embed",
+            "--dropout",
+            0.0,
+            "--tokens-per-sample",
+            64,
+            "--sample-break-mode",
+            "none",
+            *COMMON,
+            "--optimizer",
+            "softadam",
+            "--lr",
+            0.5,
+            "--softadam-nesterov",
+            "--lr-scheduler",
+            "polynomial_decay",
+            "--total-num-update",
+            150,
+            "--max-update",
+            150,
+            "--save-dir",
+            tmp_path / "ck",
+        )
+    )
     losses = [float(r["loss"]) for r in log]
     assert len(losses) == 150 and float(log[0]["lr"]) == pytest.approx(0.5 * (1 - 1 / 150), abs=1e-4)
     # Each word has 3 equally likely successors: the best loss is log2(3) = 1.58 bits.
     assert sum(losses[-10:]) / 10 < 2.5 < losses[0]
 
 
-@pytest.mark.parametrize("precision", [["--fp16", "--fp16-no-flatten-grads"], ["--memory-efficient-fp16"]],
-                         ids=["fp16-no-flatten", "memory-efficient-fp16"])
+@pytest.mark.parametrize(
+    "precision",
+    [["--fp16", "--fp16-no-flatten-grads"], ["--memory-efficient-fp16"]],
+    ids=["fp16-no-flatten", "memory-efficient-fp16"],
+)
 def test_fp16_wrappers_train(data_bin: Path, tmp_path: Path, precision: list[str]) -> None:
-    log = train_log(run_tool("fairseq-train", *translation_args(
-        data_bin, tmp_path, "--max-update", 60, *precision, total_updates=60)))
+    log = train_log(
+        run_tool(
+            "fairseq-train", *translation_args(data_bin, tmp_path, "--max-update", 60, *precision, total_updates=60)
+        )
+    )
     losses = [float(r["loss"]) for r in log]
     assert len(losses) == 60 and sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 1.0
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--softadam-eta", "-1", "--softadam-eta: Invalid eta=-1.0"),
-    ("--softadam-betas", "(0.9, 1.5)", "--softadam-betas: Invalid betas[1]=1.5"),
-    ("--weight-decay", "-0.1", "--weight-decay: Invalid weight_decay=-0.1"),
-])
-def test_bad_values_fail_with_the_option_named(data_bin: Path, tmp_path: Path, option: str, value: str,
-                                               message: str) -> None:
-    result = run_tool("fairseq-train", *translation_args(data_bin, tmp_path, "--max-update", 1, option, value),
-                      check=False)
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--softadam-eta", "-1", "--softadam-eta: Invalid eta=-1.0"),
+        ("--softadam-betas", "(0.9, 1.5)", "--softadam-betas: Invalid betas[1]=1.5"),
+        ("--weight-decay", "-0.1", "--weight-decay: Invalid weight_decay=-0.1"),
+    ],
+)
+def test_bad_values_fail_with_the_option_named(
+    data_bin: Path, tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    result = run_tool(
+        "fairseq-train", *translation_args(data_bin, tmp_path, "--max-update", 1, option, value), check=False
+    )
     assert result.returncode != 0
     # The traceback ends in one line that names the fairseq option.
     assert result.stderr.strip().splitlines()[-1].startswith(f"ValueError: {message}")
@@ -182,7 +286,7 @@ dataset: {{max_tokens: 1000}}
 optimizer: {{_name: softadam, softadam_betas: [0.8, 0.99], softadam_eta: 2.0, weight_decay: 0.01}}
 lr_scheduler: {{_name: polynomial_decay, total_num_update: 20}}
 optimization: {{lr: [0.5], max_update: 20}}
-checkpoint: {{save_dir: {tmp_path / 'ck'}, no_epoch_checkpoints: true}}
+checkpoint: {{save_dir: {tmp_path / "ck"}, no_epoch_checkpoints: true}}
 """)
     run_tool("fairseq-hydra-train", "--config-dir", tmp_path / "cfg", "--config-name", "softadam", cwd=tmp_path)
     state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", map_location="cpu", weights_only=False)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fairseq_cli import BIN, make_reversal_data_bin, train_log, translation_args
 
 
@@ -35,19 +34,51 @@ def train_two_ranks(data_bin: Path, save_dir: Path, *extra: object) -> list[dict
     # Two batches of 50 sentences per epoch, one per rank, without dropout: which rank gets
     # which batch may change after a resume (fairseq does not replay its batch order), but
     # the averaged gradient is the same up to float rounding.
-    args = translation_args(data_bin, save_dir, "--train-subset", "valid", "--batch-size", 50,
-                            "--max-tokens", 4000, "--required-batch-size-multiple", 1, "--dropout", 0.0,
-                            "--disable-validation", *extra, total_updates=30)
-    distributed = ["--distributed-world-size", 2, "--distributed-init-method", f"tcp://127.0.0.1:{port}",
-                   "--distributed-no-spawn", "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+    args = translation_args(
+        data_bin,
+        save_dir,
+        "--train-subset",
+        "valid",
+        "--batch-size",
+        50,
+        "--max-tokens",
+        4000,
+        "--required-batch-size-multiple",
+        1,
+        "--dropout",
+        0.0,
+        "--disable-validation",
+        *extra,
+        total_updates=30,
+    )
+    distributed = [
+        "--distributed-world-size",
+        2,
+        "--distributed-init-method",
+        f"tcp://127.0.0.1:{port}",
+        "--distributed-no-spawn",
+        "--distributed-backend",
+        "gloo",
+        "--ddp-backend",
+        "legacy_ddp",
+    ]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    ranks = [subprocess.Popen([str(BIN / "fairseq-train"), *map(str, args + distributed),
-                               "--distributed-rank", str(rank)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for rank in (0, 1)]
+    ranks = [
+        subprocess.Popen(
+            [str(BIN / "fairseq-train"), *map(str, args + distributed), "--distributed-rank", str(rank)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [rank.communicate(timeout=600)[0] for rank in ranks]
-    failed = [f"rank {rank} failed:\n{output[-3000:]}" for rank, (process, output) in enumerate(zip(ranks, outputs))
-              if process.returncode != 0]
+    failed = [
+        f"rank {rank} failed:\n{output[-3000:]}"
+        for rank, (process, output) in enumerate(zip(ranks, outputs))
+        if process.returncode != 0
+    ]
     assert not failed, "\n".join(failed)
     assert "distributed init (rank 1)" in outputs[1]
     return train_log(subprocess.CompletedProcess([], 0, outputs[0], ""))

@@ -15,21 +15,34 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # fairseq imports --user-dir packages from the repository root
 
-import fairseq_plugins  # noqa: E402,F401  (registers "softadam")
-from fairseq import options, optim  # noqa: E402
+from fairseq import optim, options  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq.optim.lr_scheduler import LR_SCHEDULER_DATACLASS_REGISTRY, LR_SCHEDULER_REGISTRY  # noqa: E402
-from fairseq_plugins.softadam_optimizer import FairseqSoftAdam, FairseqSoftAdamConfig  # noqa: E402
 
+import fairseq_plugins  # noqa: E402,F401  (registers "softadam")
+from fairseq_plugins.softadam_optimizer import FairseqSoftAdam, FairseqSoftAdamConfig  # noqa: E402
 from softadam_nlp import SoftAdam  # noqa: E402
 
 
 def training_cfg(*args: str):
     """The full fairseq config that ``fairseq-train`` would build from these arguments."""
     parser = options.get_training_parser()
-    ns = options.parse_args_and_arch(parser, input_args=[
-        "unused-data-dir", "--user-dir", str(REPO / "fairseq_plugins"), "--arch", "transformer",
-        "--task", "translation", "--optimizer", "softadam", "--cpu", *args])
+    ns = options.parse_args_and_arch(
+        parser,
+        input_args=[
+            "unused-data-dir",
+            "--user-dir",
+            str(REPO / "fairseq_plugins"),
+            "--arch",
+            "transformer",
+            "--task",
+            "translation",
+            "--optimizer",
+            "softadam",
+            "--cpu",
+            *args,
+        ],
+    )
     return convert_namespace_to_omegaconf(ns)
 
 
@@ -45,29 +58,70 @@ def batches(n: int, dtype: torch.dtype) -> list[torch.Tensor]:
 
 def test_registered_and_built_from_yaml_style_config() -> None:
     assert optim.OPTIMIZER_REGISTRY["softadam"] is FairseqSoftAdam
-    cfg = OmegaConf.create({"_name": "softadam", "lr": [0.3], "softadam_betas": [0.8, 0.99],
-                            "softadam_eps": 1e-6, "softadam_eta": 2.0, "softadam_nesterov": True,
-                            "weight_decay": 0.01})
+    cfg = OmegaConf.create(
+        {
+            "_name": "softadam",
+            "lr": [0.3],
+            "softadam_betas": [0.8, 0.99],
+            "softadam_eps": 1e-6,
+            "softadam_eta": 2.0,
+            "softadam_nesterov": True,
+            "weight_decay": 0.01,
+        }
+    )
     fs_opt = optim.build_optimizer(cfg, list(model().parameters()))
     assert isinstance(fs_opt, FairseqSoftAdam) and isinstance(fs_opt.optimizer, SoftAdam)
     group = fs_opt.optimizer.param_groups[0]
-    assert (group["lr"], group["betas"], group["eps"], group["eta"], group["nesterov"], group["weight_decay"]) == \
-        (0.3, (0.8, 0.99), 1e-6, 2.0, True, 0.01)
+    assert (group["lr"], group["betas"], group["eps"], group["eta"], group["nesterov"], group["weight_decay"]) == (
+        0.3,
+        (0.8, 0.99),
+        1e-6,
+        2.0,
+        True,
+        0.01,
+    )
 
 
 def test_command_line_options_map_to_softadam() -> None:
-    cfg = training_cfg("--lr", "0.2", "--softadam-betas", "(0.85, 0.98)", "--softadam-eta", "3",
-                       "--softadam-eps", "1e-7", "--softadam-nesterov", "--weight-decay", "0.001",
-                       "--softadam-nonfinite", "skip")
+    cfg = training_cfg(
+        "--lr",
+        "0.2",
+        "--softadam-betas",
+        "(0.85, 0.98)",
+        "--softadam-eta",
+        "3",
+        "--softadam-eps",
+        "1e-7",
+        "--softadam-nesterov",
+        "--weight-decay",
+        "0.001",
+        "--softadam-nonfinite",
+        "skip",
+    )
     fs_opt = optim.build_optimizer(cfg.optimizer, list(model().parameters()))
-    assert fs_opt.optimizer_config == {"lr": 0.2, "betas": (0.85, 0.98), "eps": 1e-7, "eta": 3.0,
-                                       "weight_decay": 0.001, "nesterov": True, "nonfinite": "skip"}
+    assert fs_opt.optimizer_config == {
+        "lr": 0.2,
+        "betas": (0.85, 0.98),
+        "eps": 1e-7,
+        "eta": 3.0,
+        "weight_decay": 0.001,
+        "nesterov": True,
+        "nonfinite": "skip",
+    }
     defaults = optim.build_optimizer(training_cfg("--lr", "0.1").optimizer, list(model().parameters()))
-    assert defaults.optimizer_config == {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "eta": 1.0,
-                                         "weight_decay": 0.0, "nesterov": False, "nonfinite": "raise"}
+    assert defaults.optimizer_config == {
+        "lr": 0.1,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "eta": 1.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+        "nonfinite": "raise",
+    }
     with pytest.raises(ValueError, match="--softadam-nonfinite: Invalid nonfinite='ignore'"):
-        optim.build_optimizer(training_cfg("--lr", "0.1", "--softadam-nonfinite", "ignore").optimizer,
-                              list(model().parameters()))
+        optim.build_optimizer(
+            training_cfg("--lr", "0.1", "--softadam-nonfinite", "ignore").optimizer, list(model().parameters())
+        )
 
 
 @pytest.mark.parametrize("betas", ["0.9", "(0.9, 0.99, 0.9)", "[0.9, oops]"])
@@ -212,8 +266,12 @@ WARMUP_ZERO_FAILS = {"inverse_sqrt": ZeroDivisionError}
 def _scheduler(name: str):
     dataclass = LR_SCHEDULER_DATACLASS_REGISTRY[name]
     overrides = {"warmup_updates": 0, "lr": [0.1]}
-    for key, value in (("max_update", 100), ("total_num_update", 100), ("max_lr", 0.2),
-                       ("maximize_best_checkpoint_metric", False)):
+    for key, value in (
+        ("max_update", 100),
+        ("total_num_update", 100),
+        ("max_lr", 0.2),
+        ("maximize_best_checkpoint_metric", False),
+    ):
         if key in dataclass.__dataclass_fields__:
             overrides[key] = value
     cfg = OmegaConf.structured(dataclass(**overrides))
@@ -247,8 +305,12 @@ def test_dataclass_defaults_match_softadam() -> None:
     cfg = FairseqSoftAdamConfig()
     sig = inspect.signature(SoftAdam.__init__).parameters
     assert tuple(cfg.softadam_betas) == sig["betas"].default
-    assert (cfg.softadam_eps, cfg.softadam_eta, cfg.softadam_nesterov, cfg.weight_decay) == \
-        (sig["eps"].default, sig["eta"].default, sig["nesterov"].default, sig["weight_decay"].default)
+    assert (cfg.softadam_eps, cfg.softadam_eta, cfg.softadam_nesterov, cfg.weight_decay) == (
+        sig["eps"].default,
+        sig["eta"].default,
+        sig["nesterov"].default,
+        sig["weight_decay"].default,
+    )
 
 
 def _readme_commands(tool: str) -> list[list[str]]:
@@ -266,7 +328,9 @@ def test_readme_fairseq_train_commands_parse() -> None:
     assert len(commands) == 2
     for args in commands:
         args = [str(REPO / "fairseq_plugins") if a == "fairseq_plugins" else a for a in args]
-        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), input_args=args))
+        cfg = convert_namespace_to_omegaconf(
+            options.parse_args_and_arch(options.get_training_parser(), input_args=args)
+        )
         assert cfg.optimizer._name == "softadam" and cfg.lr_scheduler._name == "polynomial_decay"
         assert cfg.lr_scheduler.total_num_update == cfg.optimization.max_update
         assert cfg.lr_scheduler.warmup_updates == 0

@@ -34,8 +34,15 @@ def shapes() -> list[tuple[int, ...]]:
     return [(300, 400), (400,), (64, 64), (1,), (1001,)]
 
 
-def run(path: dict, dtype: torch.dtype, steps: int, nesterov: bool = False, eta: float = 1.0,
-        weight_decay: float = 0.01, seed: int = 0) -> tuple[list[torch.nn.Parameter], SoftAdam]:
+def run(
+    path: dict,
+    dtype: torch.dtype,
+    steps: int,
+    nesterov: bool = False,
+    eta: float = 1.0,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+) -> tuple[list[torch.nn.Parameter], SoftAdam]:
     """``steps`` SoftAdam steps on fixed pseudo-random gradients whose scale differs by tensor."""
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes()]
@@ -97,8 +104,12 @@ def test_switching_executions_and_eta_rebuilds_the_mean(two_threads) -> None:
     g = torch.Generator().manual_seed(5)
     init = [torch.randn(s, generator=g) for s in shapes()]
     grads = [[torch.randn(s, generator=g) for s in shapes()] for _ in range(40)]
-    schedule = [(dict(fused=None, foreach=None), 1.0)] * 10 + [(dict(fused=None, foreach=False), 1.0)] * 10 \
-        + [(dict(fused=None, foreach=None), 0.0)] * 10 + [(dict(fused=None, foreach=None), 1.0)] * 10
+    schedule = (
+        [(dict(fused=None, foreach=None), 1.0)] * 10
+        + [(dict(fused=None, foreach=False), 1.0)] * 10
+        + [(dict(fused=None, foreach=None), 0.0)] * 10
+        + [(dict(fused=None, foreach=None), 1.0)] * 10
+    )
     switching = [torch.nn.Parameter(p.clone()) for p in init]
     reference = [torch.nn.Parameter(p.clone()) for p in init]
     opt = SoftAdam(switching, lr=0.01)
@@ -142,8 +153,22 @@ def test_fused_falls_back_or_refuses_where_it_cannot_run() -> None:
 def test_functional_fused_needs_the_means() -> None:
     p = torch.zeros(3)
     with pytest.raises(ValueError, match="exp_avg_sq_means"):
-        softadam([p], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], [torch.tensor(0.0)], fused=True,
-                 lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, eta=1.0, weight_decay=0.0, nesterov=False, maximize=False)
+        softadam(
+            [p],
+            [torch.ones(3)],
+            [torch.zeros(3)],
+            [torch.zeros(3)],
+            [torch.tensor(0.0)],
+            fused=True,
+            lr=0.1,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            eta=1.0,
+            weight_decay=0.0,
+            nesterov=False,
+            maximize=False,
+        )
 
 
 def test_kernel_rejects_mismatched_inputs() -> None:
@@ -163,8 +188,13 @@ def test_kernel_rejects_mismatched_inputs() -> None:
 
 
 def run_isolated(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        timeout=600,
+    )
 
 
 def test_without_the_kernel_softadam_warns_once_and_keeps_training(tmp_path: Path) -> None:
@@ -209,8 +239,9 @@ def test_copies_of_the_package_share_one_kernel_build_and_a_changed_kernel_gets_
     built = {path: path.stat().st_mtime_ns for path in library.parent.iterdir() if path.is_file()}
     copies = []
     for name in ("checkout-a", "checkout-b"):
-        shutil.copytree(REPO / "softadam_nlp", tmp_path / name / "softadam_nlp",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO / "softadam_nlp", tmp_path / name / "softadam_nlp", ignore=shutil.ignore_patterns("__pycache__")
+        )
         copies.append(tmp_path / name)
     code = """
         import sys
@@ -222,8 +253,13 @@ def test_copies_of_the_package_share_one_kernel_build_and_a_changed_kernel_gets_
     environment = {k: v for k, v in os.environ.items() if k != "SOFTADAM_NO_FUSED"}
 
     def in_copy(copy: Path, what: str) -> str:
-        result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(copy), what], capture_output=True,
-                                text=True, env=environment, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code), str(copy), what],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
 
@@ -241,9 +277,26 @@ def test_step_benchmark_reports_every_execution_against_fused_adamw(tmp_path: Pa
     import json
 
     record_path = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_optimizer.py"), "--workload", "tiny",
-                             "--rounds", "2", "--steps-per-round", "1", "--warmup", "1", "--json", str(record_path)],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_optimizer.py"),
+            "--workload",
+            "tiny",
+            "--rounds",
+            "2",
+            "--steps-per-round",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+            str(record_path),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert "SoftAdam's default path on CPU: fused" in result.stdout
     for row in ("| SoftAdam fused |", "| SoftAdam per-tensor |", "| AdamW fused | ", "| paper per-tensor loop |"):
@@ -253,8 +306,9 @@ def test_step_benchmark_reports_every_execution_against_fused_adamw(tmp_path: Pa
     assert record["ratio_to_fused_adamw"]["AdamW fused"] == 1.0 and len(record["per_round_ms"]["SoftAdam fused"]) == 2
 
 
-def compiled_run(device: str, dtype: torch.dtype, steps: int, compiled: bool, nesterov: bool = True,
-                 eta: float = 1.0) -> list[torch.Tensor]:
+def compiled_run(
+    device: str, dtype: torch.dtype, steps: int, compiled: bool, nesterov: bool = True, eta: float = 1.0
+) -> list[torch.Tensor]:
     """The compiled execution (put in the fused CPU kernel's place, so that the CPU exercises
     it too) or the per-tensor reference, on the same gradients."""
     module = importlib.import_module("softadam_nlp.softadam")  # the module, not the function it exports
@@ -266,15 +320,15 @@ def compiled_run(device: str, dtype: torch.dtype, steps: int, compiled: bool, ne
     exp_avg_sqs = [torch.zeros_like(p, dtype=state_dtype) for p in params]
     state_steps = [torch.tensor(0.0) for _ in params]
     means = [torch.zeros((), dtype=torch.float64, device=device) for _ in params]
-    hyper = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, eta=eta, weight_decay=0.01, nesterov=nesterov,
-                 maximize=False)
+    hyper = dict(
+        lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, eta=eta, weight_decay=0.01, nesterov=nesterov, maximize=False
+    )
     for _ in range(steps):
         grads = [(torch.randn(p.shape, generator=g) * 10.0 ** (i - 2)).to(device, dtype) for i, p in enumerate(params)]
         if compiled:
             fused, module._fused_softadam = module._fused_softadam, module._compiled_softadam
             try:
-                softadam(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_sq_means=means, fused=True,
-                         **hyper)
+                softadam(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_sq_means=means, fused=True, **hyper)
             finally:
                 module._fused_softadam = fused
         else:
@@ -294,8 +348,11 @@ def assert_same_run(ours: list[torch.Tensor], reference: list[torch.Tensor], dty
 def test_compiled_execution_matches_per_tensor_on_cpu(eta: float) -> None:
     # The CUDA fused execution is this function compiled for the GPU; on the CPU inductor
     # compiles the same graph to C++, which checks its arithmetic here.
-    assert_same_run(compiled_run("cpu", torch.float32, 60, True, eta=eta),
-                    compiled_run("cpu", torch.float32, 60, False, eta=eta), torch.float32)
+    assert_same_run(
+        compiled_run("cpu", torch.float32, 60, True, eta=eta),
+        compiled_run("cpu", torch.float32, 60, False, eta=eta),
+        torch.float32,
+    )
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -333,9 +390,27 @@ def test_end_to_end_benchmark_compares_both_toolkits(tmp_path: Path) -> None:
 
     data_bin = make_translation_data_bin(tmp_path / "translation")
     record_path = tmp_path / "e2e.json"
-    result = run_repo_script("scripts/bench_end_to_end.py", "--data-bin", data_bin, "--preset", "tiny",
-                             "--updates", "25", "--interval", "10", "--steps", "6", "--skip", "2",
-                             "--batch-size", "2", "--repeats", "1", "--json", record_path)
+    result = run_repo_script(
+        "scripts/bench_end_to_end.py",
+        "--data-bin",
+        data_bin,
+        "--preset",
+        "tiny",
+        "--updates",
+        "25",
+        "--interval",
+        "10",
+        "--steps",
+        "6",
+        "--skip",
+        "2",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+        record_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "softadam / adam =" in result.stdout and "softadam / adamw_torch_fused =" in result.stdout
     record = json.loads(record_path.read_text())

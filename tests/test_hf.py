@@ -8,21 +8,33 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel, Trainer,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    MarianConfig,
+    MarianMTModel,
+    Trainer,
     TrainingArguments,
 )
 
 from softadam_nlp import SoftAdam
 from softadam_nlp.eta_schedule import eta_at
 from softadam_nlp.hf import (
-    METRIC_DRIVEN_SCHEDULES, SCHEDULE_NAMES, ScheduleAtFirstStep, build_optimizers, create_optimizer,
-    create_optimizer_and_scheduler, optimizer_cls_and_kwargs,
+    METRIC_DRIVEN_SCHEDULES,
+    SCHEDULE_NAMES,
+    ScheduleAtFirstStep,
+    build_optimizers,
+    create_optimizer,
+    create_optimizer_and_scheduler,
+    optimizer_cls_and_kwargs,
 )
 
 
 def training_args(tmp_path: Path, **kwargs) -> TrainingArguments:
-    defaults = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", learning_rate=0.1,
-                    disable_tqdm=True, seed=0)
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", learning_rate=0.1, disable_tqdm=True, seed=0
+    )
     defaults.update(kwargs)
     return TrainingArguments(**defaults)
 
@@ -30,13 +42,25 @@ def training_args(tmp_path: Path, **kwargs) -> TrainingArguments:
 def tiny_models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     return {
-        "bert": BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                           num_attention_heads=2, intermediate_size=32)),
+        "bert": BertForMaskedLM(
+            BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        ),
         "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)),
-        "marian": MarianMTModel(MarianConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
-                                             encoder_attention_heads=2, decoder_attention_heads=2,
-                                             encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-                                             pad_token_id=0, decoder_start_token_id=0)),
+        "marian": MarianMTModel(
+            MarianConfig(
+                vocab_size=50,
+                d_model=16,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=32,
+                decoder_ffn_dim=32,
+                max_position_embeddings=32,
+                pad_token_id=0,
+                decoder_start_token_id=0,
+            )
+        ),
     }
 
 
@@ -108,7 +132,9 @@ def test_a_length_left_to_the_data_loader_outside_trainer_fails_at_the_first_ste
         assert not isinstance(scheduler, ScheduleAtFirstStep), name
     # A warmup given as a ratio of training needs the length.
     ratio = training_args(tmp_path, num_train_epochs=3, warmup_steps=0.1)
-    _, scheduler = create_optimizer_and_scheduler(tiny_models()["gpt2"], ratio, lr_scheduler_type="constant_with_warmup")
+    _, scheduler = create_optimizer_and_scheduler(
+        tiny_models()["gpt2"], ratio, lr_scheduler_type="constant_with_warmup"
+    )
     assert isinstance(scheduler, ScheduleAtFirstStep)
 
 
@@ -133,6 +159,7 @@ def test_optimizer_cls_and_kwargs_with_trainer(tmp_path: Path) -> None:
 
 # --- Real Trainer runs on generated data -------------------------------------------
 
+
 class MarkovDataset(torch.utils.data.Dataset):
     """Sequences from a sparse first-order chain over 20 tokens (the best loss is log 2)."""
 
@@ -155,16 +182,39 @@ class MarkovDataset(torch.utils.data.Dataset):
 
 def gpt2_without_dropout() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=20, n_embd=32, n_layer=1, n_head=2, n_positions=16,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=20,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def train(tmp_path: Path, resume: str | None = None, **kwargs) -> tuple[Trainer, list[dict]]:
-    args = training_args(tmp_path, max_steps=40, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                         max_grad_norm=1.0, logging_steps=1, save_steps=20, learning_rate=0.3, **kwargs)
+    args = training_args(
+        tmp_path,
+        max_steps=40,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_steps=20,
+        learning_rate=0.3,
+        **kwargs,
+    )
     model = gpt2_without_dropout()
-    trainer = Trainer(model=model, args=args, train_dataset=MarkovDataset(400, seed=1),
-                      optimizers=create_optimizer_and_scheduler(model, args, eta=1.0))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=MarkovDataset(400, seed=1),
+        optimizers=create_optimizer_and_scheduler(model, args, eta=1.0),
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, [h for h in trainer.state.log_history if "loss" in h]
 
@@ -227,11 +277,15 @@ def test_factory_refuses_deepspeed_and_points_to_optimizer_cls_and_kwargs(tmp_pa
     # AdamW without a word; the factory refuses instead (Trainer with DeepSpeed through
     # optimizer_cls_and_kwargs is tests/test_hf_distributed.py).
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    args = training_args(tmp_path, max_steps=10, deepspeed={"zero_optimization": {"stage": 2},
-                                                            "train_micro_batch_size_per_gpu": "auto"})
+    args = training_args(
+        tmp_path, max_steps=10, deepspeed={"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
+    )
     model = tiny_models()["gpt2"]
-    for build in (lambda: create_optimizer_and_scheduler(model, args), lambda: create_optimizer(model, args),
-                  lambda: build_optimizers("adamw", model, args)):
+    for build in (
+        lambda: create_optimizer_and_scheduler(model, args),
+        lambda: create_optimizer(model, args),
+        lambda: build_optimizers("adamw", model, args),
+    ):
         with pytest.raises(ValueError, match="optimizer_cls_and_kwargs=softadam_nlp.hf.optimizer_cls_and_kwargs"):
             build()
     cls, kwargs = optimizer_cls_and_kwargs(args, eta=0.5)  # the route that works there
@@ -241,21 +295,37 @@ def test_factory_refuses_deepspeed_and_points_to_optimizer_cls_and_kwargs(tmp_pa
 # --- Trainer used the usual way: every schedule name, every eta schedule, length by epochs ---
 
 # The schedule-specific settings transformers' schedules cannot do without.
-SCHEDULE_KWARGS = {"cosine_with_min_lr": {"min_lr": 0.01}, "cosine_warmup_with_min_lr": {"min_lr": 0.01},
-                   "warmup_stable_decay": {"num_decay_steps": 2}}
+SCHEDULE_KWARGS = {
+    "cosine_with_min_lr": {"min_lr": 0.01},
+    "cosine_warmup_with_min_lr": {"min_lr": 0.01},
+    "warmup_stable_decay": {"num_decay_steps": 2},
+}
 
 
 def epoch_trainer(tmp_path: Path, optimizers=None, **kwargs) -> Trainer:
     """Trainer whose length is set by epochs, as TrainingArguments' defaults set it:
     2 epochs of 3 batches; evaluation every 2 steps, which metric-driven schedules step on."""
-    settings = dict(num_train_epochs=2, per_device_train_batch_size=16, logging_steps=1, save_steps=3,
-                    eval_strategy="steps", eval_steps=2, metric_for_best_model="loss", learning_rate=0.3)
+    settings = dict(
+        num_train_epochs=2,
+        per_device_train_batch_size=16,
+        logging_steps=1,
+        save_steps=3,
+        eval_strategy="steps",
+        eval_steps=2,
+        metric_for_best_model="loss",
+        learning_rate=0.3,
+    )
     args = training_args(tmp_path, **{**settings, **kwargs})
     model = gpt2_without_dropout()
     if callable(optimizers):
         optimizers = optimizers(model, args)
-    return Trainer(model=model, args=args, train_dataset=MarkovDataset(48, seed=1),
-                   eval_dataset=MarkovDataset(16, seed=2), optimizers=optimizers or (None, None))
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=MarkovDataset(48, seed=1),
+        eval_dataset=MarkovDataset(16, seed=2),
+        optimizers=optimizers or (None, None),
+    )
 
 
 def lr_log(trainer: Trainer) -> list[float]:
@@ -264,17 +334,21 @@ def lr_log(trainer: Trainer) -> list[float]:
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_every_schedule_name_with_every_eta_schedule_trains_or_is_refused(name: str, tmp_path: Path) -> None:
-    kwargs = dict(lr_scheduler_type=name if name != "step" else "linear", warmup_steps=2,
-                  lr_scheduler_kwargs=SCHEDULE_KWARGS.get(name, {}))
+    kwargs = dict(
+        lr_scheduler_type=name if name != "step" else "linear",
+        warmup_steps=2,
+        lr_scheduler_kwargs=SCHEDULE_KWARGS.get(name, {}),
+    )
     if name != "step":  # the schedule Trainer builds itself from the same arguments
-        reference = epoch_trainer(tmp_path / "reference", optimizers=lambda m, a: (create_optimizer(m, a), None),
-                                  **kwargs)
+        reference = epoch_trainer(
+            tmp_path / "reference", optimizers=lambda m, a: (create_optimizer(m, a), None), **kwargs
+        )
         reference.train()
         assert reference.state.max_steps == 6
     for eta_schedule in ("constant", "linear", "cosine"):
         eta = {} if eta_schedule == "constant" else dict(eta_schedule=eta_schedule, eta_end=0.25)
 
-        def factory(model, args):
+        def factory(model, args, eta=eta):
             return create_optimizer_and_scheduler(model, args, lr_scheduler_type=name, eta=2.0, **eta)
 
         if eta and name in METRIC_DRIVEN_SCHEDULES:
@@ -295,8 +369,13 @@ def test_every_schedule_name_with_every_eta_schedule_trains_or_is_refused(name: 
 
 
 def train_by_epochs(tmp_path: Path, resume: str | None = None, **factory_kwargs) -> Trainer:
-    trainer = epoch_trainer(tmp_path, optimizers=lambda m, a: create_optimizer_and_scheduler(
-        m, a, eta=2.0, eta_schedule="linear", eta_end=0.5, **factory_kwargs), eval_strategy="no")
+    trainer = epoch_trainer(
+        tmp_path,
+        optimizers=lambda m, a: create_optimizer_and_scheduler(
+            m, a, eta=2.0, eta_schedule="linear", eta_end=0.5, **factory_kwargs
+        ),
+        eval_strategy="no",
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 

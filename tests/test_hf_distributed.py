@@ -30,9 +30,13 @@ WORKER = REPO / "tests" / "hf_distributed_worker.py"
 
 def launch(mode: str, out: Path) -> dict:
     distributed = [] if mode == "single" else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    result = subprocess.run([sys.executable, *distributed, str(WORKER), mode, str(out)], capture_output=True,
-                            text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-                                                             DS_ACCELERATOR="cpu"))
+    result = subprocess.run(
+        [sys.executable, *distributed, str(WORKER), mode, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return torch.load(out / f"{mode}.pt")
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from repo_scripts import REPO, run_repo_script
+
 from softadam_nlp.data.ptb import PTB_HUB_SPLITS, load_ptb_hub, mikolov_text
 
 
@@ -58,10 +58,37 @@ def write_ptb_layout(directory: Path) -> None:
 def test_run_translation_reports_bleu(tmp_path: Path) -> None:
     write_parallel(tmp_path / "data")
     out = tmp_path / "out"
-    result = run_example("run_translation.py", "--data-dir", tmp_path / "data", "--vocab-size", 200,
-                         "--d-model", 64, "--layers", 2, "--heads", 4, "--ffn-dim", 128, "--dropout", 0,
-                         "--max-steps", 500, "--batch-size", 32, "--beams", 2, "--max-length", 32,
-                         "--optimizer", "softadam", "--lr", 2.0, "--output-dir", out)
+    result = run_example(
+        "run_translation.py",
+        "--data-dir",
+        tmp_path / "data",
+        "--vocab-size",
+        200,
+        "--d-model",
+        64,
+        "--layers",
+        2,
+        "--heads",
+        4,
+        "--ffn-dim",
+        128,
+        "--dropout",
+        0,
+        "--max-steps",
+        500,
+        "--batch-size",
+        32,
+        "--beams",
+        2,
+        "--max-length",
+        32,
+        "--optimizer",
+        "softadam",
+        "--lr",
+        2.0,
+        "--output-dir",
+        out,
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["optimizer"] == "softadam"
     # Beam search decodes the reversal task; an untrained model scores 0.
@@ -73,8 +100,28 @@ def test_run_translation_reports_bleu(tmp_path: Path) -> None:
 def test_run_language_modeling_reports_perplexity(tmp_path: Path) -> None:
     write_ptb_layout(tmp_path / "ptb")
     out = tmp_path / "out"
-    run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify", "--model", "gpt2",
-                "--hidden-size", 32, "--layers", 1, "--heads", 2, "--block-size", 32, "--max-steps", 100, "--dropout", 0, "--output-dir", out)
+    run_example(
+        "run_language_modeling.py",
+        "--data-dir",
+        tmp_path / "ptb",
+        "--no-verify",
+        "--model",
+        "gpt2",
+        "--hidden-size",
+        32,
+        "--layers",
+        1,
+        "--heads",
+        2,
+        "--block-size",
+        32,
+        "--max-steps",
+        100,
+        "--dropout",
+        0,
+        "--output-dir",
+        out,
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     # 31 types (30 words + <eos>): guessing uniformly scores 31; the chain allows about 2.
     assert metrics["valid_ppl"] < 10 and metrics["test_ppl"] < 10, metrics
@@ -83,9 +130,36 @@ def test_run_language_modeling_reports_perplexity(tmp_path: Path) -> None:
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 3e-3), ("sgd", 0.5)])
 def test_baselines_run_through_the_same_script(tmp_path: Path, optimizer: str, lr: float) -> None:
     write_ptb_layout(tmp_path / "ptb")
-    run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify", "--model", "gpt2",
-                "--hidden-size", 32, "--layers", 1, "--heads", 2, "--block-size", 32, "--max-steps", 60, "--dropout", 0, "--optimizer", optimizer,
-                "--lr", lr, "--lr-scheduler", "step", "--warmup-steps", 0.1, "--output-dir", tmp_path / "out")
+    run_example(
+        "run_language_modeling.py",
+        "--data-dir",
+        tmp_path / "ptb",
+        "--no-verify",
+        "--model",
+        "gpt2",
+        "--hidden-size",
+        32,
+        "--layers",
+        1,
+        "--heads",
+        2,
+        "--block-size",
+        32,
+        "--max-steps",
+        60,
+        "--dropout",
+        0,
+        "--optimizer",
+        optimizer,
+        "--lr",
+        lr,
+        "--lr-scheduler",
+        "step",
+        "--warmup-steps",
+        0.1,
+        "--output-dir",
+        tmp_path / "out",
+    )
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["optimizer"] == optimizer and metrics["valid_ppl"] < 31
 
@@ -116,30 +190,41 @@ def test_awd_lstm_run_writes_a_record_reports_and_skips_finished_runs(tmp_path: 
     resumed = run_example("run_language_modeling.py", *common, "--optimizer", "softadam", "--output-dir", work)
     assert "resuming from" in resumed.stdout and (results / "softadam-seed1.json").exists()
     run_example("run_language_modeling.py", *common, "--optimizer", "sgd", "--output-dir", tmp_path / "work-sgd")
-    report = run_repo_script("scripts/report.py", "--experiment", "ptb", "--records", results,
-                             "--plot", tmp_path / "ptb.png")
+    report = run_repo_script(
+        "scripts/report.py", "--experiment", "ptb", "--records", results, "--plot", tmp_path / "ptb.png"
+    )
     assert report.returncode == 0, report.stderr
     assert "| sgd | 1 |" in report.stdout and "| softadam | 1 |" in report.stdout and "63.63" in report.stdout
     assert (tmp_path / "ptb.png").stat().st_size > 10_000
 
 
 def test_missing_data_fails_clearly(tmp_path: Path) -> None:
-    result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path, "--results", tmp_path / "r")
+    result = run_repo_script(
+        "hf_examples/run_language_modeling.py", "--data-dir", tmp_path, "--results", tmp_path / "r"
+    )
     assert result.returncode == 2 and "ptb.train.txt" in result.stderr
 
 
 def test_a_missing_ptb_split_fails_clearly(tmp_path: Path) -> None:
     write_ptb_layout(tmp_path / "ptb")
     (tmp_path / "ptb" / "ptb.valid.txt").unlink()
-    result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify",
-                             "--results", tmp_path / "r")
+    result = run_repo_script(
+        "hf_examples/run_language_modeling.py",
+        "--data-dir",
+        tmp_path / "ptb",
+        "--no-verify",
+        "--results",
+        tmp_path / "r",
+    )
     assert result.returncode == 2 and "ptb.valid.txt is missing" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
 
 
 def test_ptb_with_the_wrong_md5_fails_clearly(tmp_path: Path) -> None:
     write_ptb_layout(tmp_path / "ptb")
-    result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--results", tmp_path / "r")
+    result = run_repo_script(
+        "hf_examples/run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--results", tmp_path / "r"
+    )
     assert result.returncode == 2 and "expected f26c4b92c5fdc7b3f8c7cdcb991d8420" in result.stderr
     assert "--no-verify" in result.stderr
 
@@ -153,7 +238,9 @@ def write_hub_layout(ptb_dir: Path, hub_dir: Path, splits: dict[str, str] = PTB_
         lines = (ptb_dir / f"ptb.{split}.txt").read_text().splitlines()
         folder = hub_dir / "penn_treebank" / hub_split
         folder.mkdir(parents=True)
-        datasets.Dataset.from_dict({"sentence": [line.strip() for line in lines]}).to_parquet(str(folder / "0000.parquet"))
+        datasets.Dataset.from_dict({"sentence": [line.strip() for line in lines]}).to_parquet(
+            str(folder / "0000.parquet")
+        )
 
 
 def test_hub_copy_is_checked_against_mikolovs_files(tmp_path: Path) -> None:
@@ -165,7 +252,9 @@ def test_hub_copy_is_checked_against_mikolovs_files(tmp_path: Path) -> None:
         assert mikolov_text(line.strip() for line in text.splitlines()) == text
     raw = load_ptb_hub(str(tmp_path / "hub"), verify=False)
     assert sorted(raw) == ["test", "train", "valid"]
-    assert raw["valid"]["text"] == [line.strip() for line in (tmp_path / "ptb" / "ptb.valid.txt").read_text().splitlines()]
+    assert raw["valid"]["text"] == [
+        line.strip() for line in (tmp_path / "ptb" / "ptb.valid.txt").read_text().splitlines()
+    ]
     with pytest.raises(ValueError, match="expected f26c4b92c5fdc7b3f8c7cdcb991d8420"):
         load_ptb_hub(str(tmp_path / "hub"))
     write_hub_layout(tmp_path / "ptb", tmp_path / "no-test", {"train": "train", "valid": "validation"})
@@ -176,8 +265,20 @@ def test_hub_copy_is_checked_against_mikolovs_files(tmp_path: Path) -> None:
 def test_awd_lstm_trains_from_the_hub_copy(tmp_path: Path) -> None:
     write_ptb_layout(tmp_path / "ptb")
     write_hub_layout(tmp_path / "ptb", tmp_path / "hub")
-    run_example("run_language_modeling.py", "--hub-dataset", tmp_path / "hub", "--no-verify", "--preset", "tiny",
-                "--epochs", 1, "--results", tmp_path / "results", "--output-dir", tmp_path / "work")
+    run_example(
+        "run_language_modeling.py",
+        "--hub-dataset",
+        tmp_path / "hub",
+        "--no-verify",
+        "--preset",
+        "tiny",
+        "--epochs",
+        1,
+        "--results",
+        tmp_path / "results",
+        "--output-dir",
+        tmp_path / "work",
+    )
     record = json.loads((tmp_path / "results" / "softadam-seed1.json").read_text())
     assert record["data"] == str(tmp_path / "hub")
     # The same token streams as the files: every line plus its <eos>.
@@ -187,8 +288,14 @@ def test_awd_lstm_trains_from_the_hub_copy(tmp_path: Path) -> None:
 
 
 def test_unreachable_hub_fails_clearly(tmp_path: Path) -> None:
-    result = run_repo_script("hf_examples/run_language_modeling.py", "--hub-dataset", "--results", tmp_path,
-                             HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = run_repo_script(
+        "hf_examples/run_language_modeling.py",
+        "--hub-dataset",
+        "--results",
+        tmp_path,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "could not load ptb-text-only/ptb_text_only" in result.stderr and "--data-dir" in result.stderr
 
@@ -198,10 +305,23 @@ def test_paper_preset_dry_run_prints_trainer_arguments_transformers_accepts(opti
     from transformers import HfArgumentParser, TrainingArguments
 
     write_ptb_layout(tmp_path / "ptb")
-    result = run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "paper",
-                         "--optimizer", optimizer, "--dry-run", "--output-dir", tmp_path / "work", "--results", tmp_path / "results")
+    result = run_example(
+        "run_language_modeling.py",
+        "--data-dir",
+        tmp_path / "ptb",
+        "--no-verify",
+        "--preset",
+        "paper",
+        "--optimizer",
+        optimizer,
+        "--dry-run",
+        "--output-dir",
+        tmp_path / "work",
+        "--results",
+        tmp_path / "results",
+    )
     lines = result.stdout.splitlines()
-    flags = shlex.split(lines[lines.index(next(l for l in lines if l.startswith("# TrainingArguments"))) + 1])
+    flags = shlex.split(lines[lines.index(next(x for x in lines if x.startswith("# TrainingArguments"))) + 1])
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(flags)
     assert args.num_train_epochs == 500 and args.per_device_train_batch_size == 20 and args.max_grad_norm == 0.25
     assert args.learning_rate == {"softadam": 30.0, "sgd": 30.0, "adam": 3e-3}[optimizer] and args.warmup_steps == 0
@@ -216,8 +336,16 @@ def test_training_arguments_cli_round_trips_and_refuses_what_it_cannot_spell() -
 
     from softadam_nlp.hf import training_arguments_cli
 
-    args = TrainingArguments(output_dir="out", learning_rate=30.0, num_train_epochs=3, eval_strategy="epoch",
-                             report_to=[], load_best_model_at_end=True, save_strategy="epoch", use_cpu=True)
+    args = TrainingArguments(
+        output_dir="out",
+        learning_rate=30.0,
+        num_train_epochs=3,
+        eval_strategy="epoch",
+        report_to=[],
+        load_best_model_at_end=True,
+        save_strategy="epoch",
+        use_cpu=True,
+    )
     flags = training_arguments_cli(args)
     assert flags[:2] == ["--output_dir", "out"] and "--learning_rate" in flags and "--eval_strategy" in flags
     # A field the CLI cannot carry (a dict-valued option) is caught, not silently dropped.
@@ -228,8 +356,30 @@ def test_training_arguments_cli_round_trips_and_refuses_what_it_cannot_spell() -
 def test_sweep_runs_a_grid_once_and_feeds_the_heatmap(tmp_path: Path) -> None:
     write_ptb_layout(tmp_path / "ptb")
     results = tmp_path / "sweep"
-    sweep = ("ptb", "--optimizer", "softadam", "--eta", 0, 1, "--lr", 30, "--results", results, "--work", tmp_path / "work",
-             "--jobs", 2, "--", "--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "tiny", "--epochs", 1)
+    sweep = (
+        "ptb",
+        "--optimizer",
+        "softadam",
+        "--eta",
+        0,
+        1,
+        "--lr",
+        30,
+        "--results",
+        results,
+        "--work",
+        tmp_path / "work",
+        "--jobs",
+        2,
+        "--",
+        "--data-dir",
+        tmp_path / "ptb",
+        "--no-verify",
+        "--preset",
+        "tiny",
+        "--epochs",
+        1,
+    )
     first = run_repo_script("scripts/sweep.py", *sweep)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "2 runs, 0 finished, 2 to go" in first.stdout and first.stdout.count(" done ") == 2
@@ -240,9 +390,13 @@ def test_sweep_runs_a_grid_once_and_feeds_the_heatmap(tmp_path: Path) -> None:
     assert "2 runs, 2 finished, 0 to go" in again.stdout and " start " not in again.stdout
     listed = run_repo_script("scripts/sweep.py", *sweep[:-10], "--seeds", 1, 2, "--dry-run")
     assert listed.stdout.count("finished ") == 2 and listed.stdout.count("pending ") == 2
-    report = run_repo_script("scripts/report.py", "--experiment", "ptb", "--records", results, "--heatmap", tmp_path / "h.png")
+    report = run_repo_script(
+        "scripts/report.py", "--experiment", "ptb", "--records", results, "--heatmap", tmp_path / "h.png"
+    )
     assert report.returncode == 0 and "| eta \\ lr | 30 |" in report.stdout and (tmp_path / "h.png").exists()
-    refused = run_repo_script("scripts/sweep.py", "ptb", "--optimizer", "sgd", "--eta", 1, "--lr", 1, "--results", results)
+    refused = run_repo_script(
+        "scripts/sweep.py", "ptb", "--optimizer", "sgd", "--eta", 1, "--lr", 1, "--results", results
+    )
     assert refused.returncode == 2 and "--eta is SoftAdam's" in refused.stderr
 
 
@@ -254,16 +408,31 @@ def test_a_killed_awd_run_resumes_from_its_last_complete_checkpoint_with_the_sam
     write_ptb_layout(tmp_path / "ptb")
 
     def command(name: str) -> list[str]:
-        return [sys.executable, str(REPO / "hf_examples" / "run_language_modeling.py"), "--data-dir", str(tmp_path / "ptb"),
-                "--no-verify", "--preset", "tiny", "--epochs", "6", "--optimizer", "softadam",
-                "--results", str(tmp_path / name / "results"), "--output-dir", str(tmp_path / name / "work")]
+        return [
+            sys.executable,
+            str(REPO / "hf_examples" / "run_language_modeling.py"),
+            "--data-dir",
+            str(tmp_path / "ptb"),
+            "--no-verify",
+            "--preset",
+            "tiny",
+            "--epochs",
+            "6",
+            "--optimizer",
+            "softadam",
+            "--results",
+            str(tmp_path / name / "results"),
+            "--output-dir",
+            str(tmp_path / name / "work"),
+        ]
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     straight = subprocess.run(command("straight"), env=env, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    run = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    run = subprocess.Popen(
+        command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     work = tmp_path / "killed" / "work"
 
     def complete_checkpoints() -> list[Path]:
@@ -286,8 +455,9 @@ def test_a_killed_awd_run_resumes_from_its_last_complete_checkpoint_with_the_sam
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"removed {newest}: incomplete" in resumed.stdout
     assert f"resuming from {folders[-2]}" in resumed.stdout
-    want, got = (json.loads((tmp_path / name / "results" / "softadam-seed1.json").read_text())
-                 for name in ("straight", "killed"))
+    want, got = (
+        json.loads((tmp_path / name / "results" / "softadam-seed1.json").read_text()) for name in ("straight", "killed")
+    )
     assert [e["epoch"] for e in got["epochs"]] == list(range(1, 7))
     # Trainer restores every RNG and SoftAdam its state, so validation is bit for bit the
     # same. The epoch's mean logged training loss is not: the first log after a resume
@@ -299,24 +469,72 @@ def test_a_killed_awd_run_resumes_from_its_last_complete_checkpoint_with_the_sam
 
 
 def test_eta_schedule_options_are_checked(tmp_path: Path) -> None:
-    for bad, message in ((["--eta-schedule", "linear"], "needs --eta-end"), (["--eta-end", "0"], "needs a linear"),
-                         (["--optimizer", "adam", "--eta-schedule", "cosine", "--eta-end", "0"], "SoftAdam's")):
+    for bad, message in (
+        (["--eta-schedule", "linear"], "needs --eta-end"),
+        (["--eta-end", "0"], "needs a linear"),
+        (["--optimizer", "adam", "--eta-schedule", "cosine", "--eta-end", "0"], "SoftAdam's"),
+    ):
         result = run_repo_script("hf_examples/run_language_modeling.py", "--data-dir", tmp_path, *bad)
         assert result.returncode == 2 and message in result.stderr
 
 
 def test_awd_run_with_an_eta_schedule_records_it(tmp_path: Path) -> None:
     write_ptb_layout(tmp_path / "ptb")
-    run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "tiny",
-                "--epochs", 2, "--optimizer", "softadam", "--eta", 4, "--eta-schedule", "linear", "--eta-end", 0,
-                "--results", tmp_path / "r", "--output-dir", tmp_path / "w")
+    run_example(
+        "run_language_modeling.py",
+        "--data-dir",
+        tmp_path / "ptb",
+        "--no-verify",
+        "--preset",
+        "tiny",
+        "--epochs",
+        2,
+        "--optimizer",
+        "softadam",
+        "--eta",
+        4,
+        "--eta-schedule",
+        "linear",
+        "--eta-end",
+        0,
+        "--results",
+        tmp_path / "r",
+        "--output-dir",
+        tmp_path / "w",
+    )
     record = json.loads((tmp_path / "r" / "softadam-seed1.json").read_text())
-    assert (record["config"]["eta"], record["config"]["eta_schedule"], record["config"]["eta_end"]) == (4.0, "linear", 0.0)
+    assert (record["config"]["eta"], record["config"]["eta_schedule"], record["config"]["eta_end"]) == (
+        4.0,
+        "linear",
+        0.0,
+    )
     # A constant-eta run in a second folder: the report pools both and keeps them apart.
-    run_example("run_language_modeling.py", "--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "tiny",
-                "--epochs", 2, "--optimizer", "softadam", "--results", tmp_path / "constant", "--output-dir", tmp_path / "w1")
-    report = run_repo_script("scripts/report.py", "--experiment", "ptb", "--records", tmp_path / "constant", tmp_path / "r",
-                             "--plot", tmp_path / "curves.png")
+    run_example(
+        "run_language_modeling.py",
+        "--data-dir",
+        tmp_path / "ptb",
+        "--no-verify",
+        "--preset",
+        "tiny",
+        "--epochs",
+        2,
+        "--optimizer",
+        "softadam",
+        "--results",
+        tmp_path / "constant",
+        "--output-dir",
+        tmp_path / "w1",
+    )
+    report = run_repo_script(
+        "scripts/report.py",
+        "--experiment",
+        "ptb",
+        "--records",
+        tmp_path / "constant",
+        tmp_path / "r",
+        "--plot",
+        tmp_path / "curves.png",
+    )
     assert report.returncode == 0, report.stderr
     assert "| softadam | 1 |" in report.stdout and "| softadam, eta 4→0 linear | 1 |" in report.stdout
     assert (tmp_path / "curves.png").stat().st_size > 10_000
@@ -330,20 +548,40 @@ def test_deepspeed_option_hands_softadam_to_trainer_as_optimizer_cls_and_kwargs(
     write_ptb_layout(tmp_path / "ptb")
     config = tmp_path / "ds.json"
     config.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')
-    common = ("--data-dir", tmp_path / "ptb", "--no-verify", "--dry-run", "--output-dir", tmp_path / "work",
-              "--results", tmp_path / "results")
-    result = run_repo_script("hf_examples/run_language_modeling.py", *common, "--deepspeed", config,
-                             "--lr-scheduler", "linear", "--eta", "0.5", DS_ACCELERATOR="cpu")
+    common = (
+        "--data-dir",
+        tmp_path / "ptb",
+        "--no-verify",
+        "--dry-run",
+        "--output-dir",
+        tmp_path / "work",
+        "--results",
+        tmp_path / "results",
+    )
+    result = run_repo_script(
+        "hf_examples/run_language_modeling.py",
+        *common,
+        "--deepspeed",
+        config,
+        "--lr-scheduler",
+        "linear",
+        "--eta",
+        "0.5",
+        DS_ACCELERATOR="cpu",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "# optimizer SoftAdam {'lr': 120.0, 'betas': (0.9, 0.999), 'eps': 1e-08, 'eta': 0.5}, given to Trainer " \
-           "as optimizer_cls_and_kwargs (DeepSpeed)" in result.stdout
+    assert (
+        "# optimizer SoftAdam {'lr': 120.0, 'betas': (0.9, 0.999), 'eps': 1e-08, 'eta': 0.5}, given to Trainer "
+        "as optimizer_cls_and_kwargs (DeepSpeed)" in result.stdout
+    )
     lines = result.stdout.splitlines()
-    flags = shlex.split(lines[lines.index(next(l for l in lines if l.startswith("# TrainingArguments"))) + 1])
+    flags = shlex.split(lines[lines.index(next(x for x in lines if x.startswith("# TrainingArguments"))) + 1])
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(flags)
     assert args.deepspeed == str(config)
-    for extra, message in ((["--deepspeed", tmp_path / "none.json"], "no such file"),
-                           (["--deepspeed", config, "--lr-scheduler", "step"],
-                            "--lr-scheduler step and --eta-schedule are not available")):
+    for extra, message in (
+        (["--deepspeed", tmp_path / "none.json"], "no such file"),
+        (["--deepspeed", config, "--lr-scheduler", "step"], "--lr-scheduler step and --eta-schedule are not available"),
+    ):
         for script in ("run_language_modeling.py", "run_translation.py"):
             bad = run_repo_script(f"hf_examples/{script}", *common[:2], *extra)
             assert bad.returncode == 2 and message in bad.stderr, (script, bad.stderr[-500:])

@@ -45,7 +45,9 @@ def assert_unchanged(before: tuple[dict, dict], model: torch.nn.Module, optimize
 
 
 @pytest.mark.parametrize("execution", list(EXECUTIONS))
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e30], ids=["nan", "inf", "-inf", "overflow"])
+@pytest.mark.parametrize(
+    "bad", [float("nan"), float("inf"), -float("inf"), 1e30], ids=["nan", "inf", "-inf", "overflow"]
+)
 @pytest.mark.parametrize("steps_before", [0, 3], ids=["first-step", "later-step"])
 def test_a_nonfinite_gradient_raises_and_changes_nothing(execution: str, bad: float, steps_before: int) -> None:
     model = two_layer_model()
@@ -108,8 +110,9 @@ def test_skip_leaves_everything_as_it_was_and_counts(execution: str) -> None:
 
 def test_a_group_that_raises_wins_over_one_that_skips() -> None:
     model = two_layer_model()
-    optimizer = SoftAdam([{"params": list(model[0].parameters()), "nonfinite": "skip"},
-                          {"params": list(model[2].parameters())}])
+    optimizer = SoftAdam(
+        [{"params": list(model[0].parameters()), "nonfinite": "skip"}, {"params": list(model[2].parameters())}]
+    )
     backward(model, 0)
     model[0].weight.grad[0, 0] = float("nan")
     assert optimizer.step() is None and optimizer.skipped_steps == 1  # only the skipping group is bad

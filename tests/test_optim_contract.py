@@ -12,10 +12,10 @@ from typing import Callable
 
 import pytest
 import torch
+from softadam_reference import ReferenceSoftAdam
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from softadam_nlp import SoftAdam
-from softadam_reference import ReferenceSoftAdam
 
 EXECUTIONS = {
     "per-tensor": dict(foreach=False),
@@ -38,8 +38,12 @@ def gradients(params: list[torch.Tensor], steps: int, seed: int = 1) -> list[lis
     return [[torch.randn(p.shape, generator=g).to(p.dtype) for p in params] for _ in range(steps)]
 
 
-def run(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]],
-        between: Callable[[int], None] = lambda step: None) -> None:
+def run(
+    opt: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    grads: list[list[torch.Tensor]],
+    between: Callable[[int], None] = lambda step: None,
+) -> None:
     for step, step_grads in enumerate(grads):
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -147,7 +151,7 @@ def test_a_tensor_lr_works_with_torch_lr_schedulers(execution: str) -> None:
         ps = fresh_copy(params)
         opt = SoftAdam(ps, **{**HYPER, "lr": lr}, **EXECUTIONS[execution])
         schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-        run(opt, ps, grads, between=lambda step: schedule.step())
+        run(opt, ps, grads, between=lambda step, schedule=schedule: schedule.step())
         results.append(ps)
     assert_same(*results)
 
@@ -190,7 +194,7 @@ def test_a_compiled_step_with_a_tensor_lr_matches_eager_and_does_not_recompile(e
         results.append(ps)
     for p, q in zip(*results):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    compiled_frames = frames[len(grads):]
+    compiled_frames = frames[len(grads) :]
     assert compiled_frames[0] > 0, "nothing was compiled"
     # Step 1 creates the state; from step 2 on one graph serves every lr and step count.
     assert compiled_frames[-1] == compiled_frames[1], f"recompiled as the lr changed: {compiled_frames}"
@@ -235,8 +239,9 @@ def test_step_and_state_dict_hooks_are_called(execution: str) -> None:
         return state_dict
 
     opt.register_state_dict_post_hook(state_dict_post)
-    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load-pre") or {k: v for k, v in sd.items()
-                                                                                    if k != "extra"})
+    opt.register_load_state_dict_pre_hook(
+        lambda o, sd: calls.append("load-pre") or {k: v for k, v in sd.items() if k != "extra"}
+    )
     opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
     run(opt, params, gradients(params, 2))
     saved = opt.state_dict()
@@ -267,8 +272,7 @@ def test_a_tensor_whose_gradient_turns_zero_keeps_moving_on_momentum(execution: 
         grads[step][1] = torch.zeros_like(params[1])  # one tensor's gradient is all zero from step 4
     ours = fresh_copy(params)
     run(SoftAdam(ours, **HYPER, **EXECUTIONS[execution]), ours, grads)
-    reference = ReferenceSoftAdam(lr=HYPER["lr"], eta=HYPER["eta"], weight_decay=HYPER["weight_decay"],
-                                  nesterov=True)
+    reference = ReferenceSoftAdam(lr=HYPER["lr"], eta=HYPER["eta"], weight_decay=HYPER["weight_decay"], nesterov=True)
     expected = [p.detach().clone() for p in params]
     for step_grads in grads:
         expected = [reference.step(i, p, g) for i, (p, g) in enumerate(zip(expected, step_grads))]
@@ -279,12 +283,14 @@ def test_a_tensor_whose_gradient_turns_zero_keeps_moving_on_momentum(execution: 
 @ALL
 def test_zero_dim_and_empty_parameters(execution: str) -> None:
     g = torch.Generator().manual_seed(0)
-    params = [torch.randn((), generator=g).requires_grad_(), torch.zeros(0, 3).requires_grad_(),
-              torch.randn(4, generator=g).requires_grad_()]
+    params = [
+        torch.randn((), generator=g).requires_grad_(),
+        torch.zeros(0, 3).requires_grad_(),
+        torch.randn(4, generator=g).requires_grad_(),
+    ]
     grads = gradients(params, 5)
     opt = SoftAdam(params, **HYPER, **EXECUTIONS[execution])
-    reference = ReferenceSoftAdam(lr=HYPER["lr"], eta=HYPER["eta"], weight_decay=HYPER["weight_decay"],
-                                  nesterov=True)
+    reference = ReferenceSoftAdam(lr=HYPER["lr"], eta=HYPER["eta"], weight_decay=HYPER["weight_decay"], nesterov=True)
     expected = [p.detach().clone() for p in params]
     run(opt, params, grads)
     for step_grads in grads:

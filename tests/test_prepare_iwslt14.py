@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from repo_scripts import run_repo_script
 
 from softadam_nlp.data import translation as tr
@@ -25,8 +24,14 @@ import prepare_iwslt14 as prep  # noqa: E402
 
 
 def test_train_tags_lines() -> None:
-    lines = ["<url>http://x</url>", "<talkid>1</talkid>", "<keywords>a, b</keywords>",
-             "<title>Ein Titel</title>", "<description>Eine Beschreibung</description>", "Ein Satz ."]
+    lines = [
+        "<url>http://x</url>",
+        "<talkid>1</talkid>",
+        "<keywords>a, b</keywords>",
+        "<title>Ein Titel</title>",
+        "<description>Eine Beschreibung</description>",
+        "Ein Satz .",
+    ]
     assert tr.strip_train_tags(lines) == ["Ein Titel", "Eine Beschreibung", "Ein Satz ."]
 
 
@@ -62,15 +67,17 @@ def test_tokenize_lowercase_and_bpe_round_trip() -> None:
 
 # --- The whole script on a tiny archive in the IWSLT layout ------------------------
 
+
 def write_iwslt_tree(root: Path) -> dict[str, int]:
     """de-en/ with train.tags and the five dev/test XML pairs; returns the expected sizes."""
     folder = root / "de-en"
     folder.mkdir(parents=True)
     words_de = ["haus", "baum", "katze", "hund", "auto", "buch", "stadt", "wasser"]
     words_en = ["house", "tree", "cat", "dog", "car", "book", "city", "water"]
-    de, en = ["<url>http://ted.com/x</url>", "<keywords>talks</keywords>", "<talkid>1</talkid>",
-              "<title>Der Titel</title>"], ["<url>http://ted.com/x</url>", "<keywords>talks</keywords>",
-                                            "<talkid>1</talkid>", "<title>The title</title>"]
+    de, en = (
+        ["<url>http://ted.com/x</url>", "<keywords>talks</keywords>", "<talkid>1</talkid>", "<title>Der Titel</title>"],
+        ["<url>http://ted.com/x</url>", "<keywords>talks</keywords>", "<talkid>1</talkid>", "<title>The title</title>"],
+    )
     for i in range(70):
         n = 3 + i % 5
         de.append(" ".join(words_de[(i + k) % 8] for k in range(n)).capitalize() + ".")
@@ -104,10 +111,13 @@ def test_prepares_an_iwslt_archive_end_to_end(tmp_path: Path) -> None:
     archive, sizes = make_archive(tmp_path)
     out = tmp_path / "prepared"
     expected = f"{sizes['train']},{sizes['valid']},{sizes['test']}"
-    result = run_script("--raw-dir", archive, "--out-dir", out, "--bpe-merges", 30, "--expected-sizes", expected,
-                        "--workers", 1)
+    result = run_script(
+        "--raw-dir", archive, "--out-dir", out, "--bpe-merges", 30, "--expected-sizes", expected, "--workers", 1
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"sentence pairs: train {sizes['train']:,}, valid {sizes['valid']:,}, test {sizes['test']:,}" in result.stdout
+    assert (
+        f"sentence pairs: train {sizes['train']:,}, valid {sizes['valid']:,}, test {sizes['test']:,}" in result.stdout
+    )
     train_en = (out / "train.en").read_text().splitlines()
     assert len(train_en) == sizes["train"] and "the title" in (out / "train.en").read_text().replace("@@ ", "")
     assert not any("<url>" in line or "house ." == line for line in train_en)  # meta line and ratio pair gone
@@ -154,8 +164,18 @@ def test_an_unwritable_output_folder_fails_before_any_work(tmp_path: Path) -> No
 def test_a_manifest_cut_short_is_not_taken_as_finished(tmp_path: Path) -> None:
     archive, sizes = make_archive(tmp_path)
     out = tmp_path / "prepared"
-    args = ("--raw-dir", archive, "--out-dir", out, "--bpe-merges", 30, "--workers", 1,
-            "--expected-sizes", f"{sizes['train']},{sizes['valid']},{sizes['test']}")
+    args = (
+        "--raw-dir",
+        archive,
+        "--out-dir",
+        out,
+        "--bpe-merges",
+        30,
+        "--workers",
+        1,
+        "--expected-sizes",
+        f"{sizes['train']},{sizes['valid']},{sizes['test']}",
+    )
     assert run_script(*args).returncode == 0
     manifest = out / "manifest.json"
     manifest.write_text(manifest.read_text()[:20])  # a crash while the manifest was written
@@ -172,13 +192,28 @@ def test_multi30k_layout(tmp_path: Path) -> None:
         for lang, text in (("de", "Ein Hund läuft im Park."), ("en", "A dog runs in the park.")):
             with gzip.open(raw / f"{name}.{lang}.gz", "wt") as f:
                 f.write("\n".join(f"{text} {i}" for i in range(n)) + "\n")
-    result = run_script("--corpus", "multi30k", "--raw-dir", raw, "--out-dir", tmp_path / "out",
-                        "--bpe-merges", 20, "--expected-sizes", "40,5,4", "--workers", 1)
+    result = run_script(
+        "--corpus",
+        "multi30k",
+        "--raw-dir",
+        raw,
+        "--out-dir",
+        tmp_path / "out",
+        "--bpe-merges",
+        20,
+        "--expected-sizes",
+        "40,5,4",
+        "--workers",
+        1,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "out" / "valid.de").read_text().replace("@@ ", "").splitlines()[0] == "ein hund läuft im park . 0"
+    assert (tmp_path / "out" / "valid.de").read_text().replace("@@ ", "").splitlines()[
+        0
+    ] == "ein hund läuft im park . 0"
 
 
 # --- Downloads: resume, checksum, offline ------------------------------------------
+
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
     payload = b""

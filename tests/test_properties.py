@@ -15,22 +15,24 @@ import copy
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from softadam_reference import ReferenceSoftAdam
 
 from softadam_nlp import SoftAdam
-from softadam_reference import ReferenceSoftAdam
 
 EXECUTIONS = {"per-tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 shapes = st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple)
-hyperparameters = st.fixed_dictionaries({
-    "lr": st.floats(1e-4, 1.0),
-    "betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)),
-    "eps": st.sampled_from([0.0, 1e-8, 1e-3]),
-    "eta": st.one_of(st.just(0.0), st.floats(0.0, 20.0)),
-    "weight_decay": st.sampled_from([0.0, 1e-2]),
-    "nesterov": st.booleans(),
-})
+hyperparameters = st.fixed_dictionaries(
+    {
+        "lr": st.floats(1e-4, 1.0),
+        "betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)),
+        "eps": st.sampled_from([0.0, 1e-8, 1e-3]),
+        "eta": st.one_of(st.just(0.0), st.floats(0.0, 20.0)),
+        "weight_decay": st.sampled_from([0.0, 1e-2]),
+        "nesterov": st.booleans(),
+    }
+)
 
 
 @st.composite
@@ -43,10 +45,19 @@ def problems(draw: st.DrawFn, dtypes=(torch.float32, torch.float64)) -> dict:
     g = torch.Generator().manual_seed(seed)
     scales = [draw(st.sampled_from([0.0, 1e-6, 1e-2, 1.0, 1e3])) for _ in tensor_shapes]
     params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in tensor_shapes]
-    grads = [[(torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dtype)
-              for s, scale in zip(tensor_shapes, scales)] for _ in range(steps)]
-    return {"params": params, "grads": grads, "hyper": draw(hyperparameters),
-            "execution": draw(st.sampled_from(list(EXECUTIONS)))}
+    grads = [
+        [
+            (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dtype)
+            for s, scale in zip(tensor_shapes, scales)
+        ]
+        for _ in range(steps)
+    ]
+    return {
+        "params": params,
+        "grads": grads,
+        "hyper": draw(hyperparameters),
+        "execution": draw(st.sampled_from(list(EXECUTIONS))),
+    }
 
 
 def run(problem: dict, execution: str) -> tuple[list[torch.nn.Parameter], SoftAdam]:
@@ -100,9 +111,15 @@ def test_eta_zero_is_sgd_with_dampened_momentum(problem: dict) -> None:
 @given(problem=problems(dtypes=(torch.float32, torch.float64, torch.bfloat16)))
 def test_executions_agree_with_the_equations(problem: dict) -> None:
     hyper = problem["hyper"]
-    reference = ReferenceSoftAdam(lr=hyper["lr"], beta1=hyper["betas"][0], beta2=hyper["betas"][1],
-                                  eps=max(hyper["eps"], 1e-30), eta=hyper["eta"],
-                                  weight_decay=hyper["weight_decay"], nesterov=hyper["nesterov"])
+    reference = ReferenceSoftAdam(
+        lr=hyper["lr"],
+        beta1=hyper["betas"][0],
+        beta2=hyper["betas"][1],
+        eps=max(hyper["eps"], 1e-30),
+        eta=hyper["eta"],
+        weight_decay=hyper["weight_decay"],
+        nesterov=hyper["nesterov"],
+    )
     expected = [p.double() for p in problem["params"]]
     largest = [p.abs() for p in expected]  # per element, over the trajectory: bfloat16's rounding scale
     for step_grads in problem["grads"]:

@@ -23,7 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sharded_worker import (  # noqa: E402
-    DEEPSPEED_SETTINGS, EXECUTIONS, FSDP1_SETTINGS, deepspeed_case, fsdp1_case,
+    DEEPSPEED_SETTINGS,
+    EXECUTIONS,
+    FSDP1_SETTINGS,
+    deepspeed_case,
+    fsdp1_case,
 )
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is part of the pinned environment (make setup)")
@@ -40,9 +44,19 @@ RTOL = 1e-5
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("sharded")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "tests" / "sharded_worker.py"), str(out)],
-        capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(REPO / "tests" / "sharded_worker.py"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
         env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -98,10 +112,30 @@ def test_deepspeed_zero3_is_refused_by_name(results: dict) -> None:
 def test_step_benchmark_under_each_engine_reports_softadam_against_adamw(tmp_path: Path) -> None:
     record_path = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "scripts" / "bench_distributed.py"), "--width", "16", "--layers", "1", "--rounds", "2",
-         "--steps-per-round", "1", "--warmup", "1", "--json", str(record_path)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(REPO / "scripts" / "bench_distributed.py"),
+            "--width",
+            "16",
+            "--layers",
+            "1",
+            "--rounds",
+            "2",
+            "--steps-per-round",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+            str(record_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"),
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,14 +7,17 @@ import io
 
 import pytest
 import torch
+from softadam_reference import ReferenceSoftAdam
 
 from softadam_nlp import SoftAdam
-from softadam_reference import ReferenceSoftAdam
 
 # The three executions, as SoftAdam keyword arguments.
 PER_TENSOR, FOREACH, FUSED = dict(foreach=False), dict(foreach=True), dict(fused=True)
-PATHS = [pytest.param(PER_TENSOR, id="per-tensor"), pytest.param(FOREACH, id="foreach"),
-         pytest.param(FUSED, id="fused")]
+PATHS = [
+    pytest.param(PER_TENSOR, id="per-tensor"),
+    pytest.param(FOREACH, id="foreach"),
+    pytest.param(FUSED, id="fused"),
+]
 
 
 def make_problem(dtype: torch.dtype, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -47,9 +50,7 @@ GROUP_SETTINGS = [
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("nesterov", [False, True], ids=["plain", "nesterov"])
-@pytest.mark.parametrize(
-    "dtype, atol", [(torch.float64, 1e-12), (torch.float32, 2e-5)], ids=["fp64", "fp32"]
-)
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 2e-5)], ids=["fp64", "fp32"])
 def test_matches_reference(path: dict, nesterov: bool, dtype: torch.dtype, atol: float) -> None:
     params, x, y = make_problem(dtype)
     ours = [p.clone().requires_grad_() for p in params]
@@ -61,8 +62,13 @@ def test_matches_reference(path: dict, nesterov: bool, dtype: torch.dtype, atol:
     opt = SoftAdam(groups, **path)
     refs = [
         ReferenceSoftAdam(
-            lr=s["lr"], beta1=s["betas"][0], beta2=s["betas"][1], eps=s["eps"],
-            eta=s["eta"], weight_decay=s["weight_decay"], nesterov=nesterov,
+            lr=s["lr"],
+            beta1=s["betas"][0],
+            beta2=s["betas"][1],
+            eps=s["eps"],
+            eta=s["eta"],
+            weight_decay=s["weight_decay"],
+            nesterov=nesterov,
         )
         for s in GROUP_SETTINGS
     ]
@@ -73,9 +79,7 @@ def test_matches_reference(path: dict, nesterov: bool, dtype: torch.dtype, atol:
 
         leaves = [p.clone().requires_grad_() for p in ref_params]
         grads = torch.autograd.grad(loss_fn(leaves, x, y, step), leaves)
-        ref_params = [
-            refs[0 if i < 2 else 1].step(i, p, g) for i, (p, g) in enumerate(zip(ref_params, grads))
-        ]
+        ref_params = [refs[0 if i < 2 else 1].step(i, p, g) for i, (p, g) in enumerate(zip(ref_params, grads))]
     for mine, theirs in zip(ours, ref_params):
         assert (mine.detach() - theirs).abs().max().item() <= atol
     # The run moved the parameters a lot, so agreement is not trivial.
@@ -207,8 +211,7 @@ def test_bf16_params_keep_fp32_state_and_match_fp32_arithmetic(path: dict) -> No
         grads = torch.autograd.grad(loss_fn(leaves, x.bfloat16(), y.bfloat16(), step), leaves)
         # The reference: float32 arithmetic and state, rounded into bf16 once per step.
         ref_params = [
-            ref.step(i, p.float(), g.float()).to(torch.bfloat16)
-            for i, (p, g) in enumerate(zip(ref_params, grads))
+            ref.step(i, p.float(), g.float()).to(torch.bfloat16) for i, (p, g) in enumerate(zip(ref_params, grads))
         ]
         # Allow one bf16 rounding step where fp32 results straddle a rounding boundary.
         for p, q in zip(ours, ref_params):

@@ -41,7 +41,7 @@ def md5sum(path: Path) -> str:
 
 
 def find_ptb_dir(data_dir: Optional[os.PathLike] = None) -> Path:
-    """The folder holding ptb.train.txt: ``data_dir`` (or its ptb/ subfolder), else
+    """The folder holding ptb.train.txt: `data_dir` (or its ptb/ subfolder), else
     $SOFTADAM_DATA_DIR, else ../shared/data beside the repository. Raises
     FileNotFoundError saying where it looked and how to supply the files."""
     candidates = [folder for root in data_roots(data_dir) for folder in (root, root / "ptb")]
@@ -72,8 +72,8 @@ class PTBCorpus:
 
 
 def ptb_files(data_dir: Optional[os.PathLike] = None, verify: bool = True) -> dict[str, Path]:
-    """``{split: path}`` of ptb.{train,valid,test}.txt, each checked against its canonical
-    md5 (``verify=False`` skips the check, for other copies or generated test data)."""
+    """`{split: path}` of ptb.{train,valid,test}.txt, each checked against its canonical
+    md5 (`verify=False` skips the check, for other copies or generated test data)."""
     directory = find_ptb_dir(data_dir)
     files = {}
     for split in SPLITS:
@@ -101,8 +101,8 @@ def load_ptb_hub(name: str = PTB_HUB_DATASET, verify: bool = True) -> "datasets.
     """PTB from the Hugging Face hub as a DatasetDict {train, valid, test} with a "text"
     column, each split checked against the canonical md5 of Mikolov's file.
 
-    ``name`` is a hub id (read at its parquet export, PTB_HUB_REVISION) or a local folder
-    with the same layout (``penn_treebank/{train,validation,test}/*.parquet``). Raises
+    `name` is a hub id (read at its parquet export, PTB_HUB_REVISION) or a local folder
+    with the same layout (`penn_treebank/{train,validation,test}/*.parquet`). Raises
     ConnectionError when the hub cannot be reached and ValueError when a split is missing
     or its text differs from Mikolov's."""
     import datasets
@@ -134,7 +134,7 @@ def load_ptb_hub(name: str = PTB_HUB_DATASET, verify: bool = True) -> "datasets.
 
 
 def load_ptb(data_dir: Optional[os.PathLike] = None, verify: bool = True) -> PTBCorpus:
-    """Load PTB, checking md5 sums (``verify=False`` skips them for other copies)."""
+    """Load PTB, checking md5 sums (`verify=False` skips them for other copies)."""
     files = ptb_files(data_dir, verify)
     directory = files["train"].parent
     texts = {split: path.read_text() for split, path in files.items()}
@@ -157,7 +157,7 @@ def load_ptb(data_dir: Optional[os.PathLike] = None, verify: bool = True) -> PTB
 
 
 def batchify(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Cut a token stream into ``batch_size`` contiguous streams: shape (length, batch)."""
+    """Cut a token stream into `batch_size` contiguous streams: shape (length, batch)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     length = tokens.numel() // batch_size

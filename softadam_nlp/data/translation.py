@@ -1,9 +1,9 @@
 """Translation corpora prepared the way fairseq's examples/translation/prepare-iwslt14.sh does.
 
 The steps, each a function here so that they can be tested one by one:
-1. IWSLT'14 training text (``train.tags.de-en.{de,en}``): drop the ``<url>``,
-   ``<talkid>`` and ``<keywords>`` lines, strip ``<title>``/``<description>`` tags;
-   dev/test XML files: keep the ``<seg>`` contents, with ’ as '.
+1. IWSLT'14 training text (`train.tags.de-en.{de,en}`): drop the `<url>`,
+   `<talkid>` and `<keywords>` lines, strip `<title>`/`<description>` tags;
+   dev/test XML files: keep the `<seg>` contents, with ’ as '.
 2. Moses tokenization (sacremoses, with its default escaping, as tokenizer.perl) and
    lowercasing.
 3. Training pairs cleaned as Moses' clean-corpus-n.perl with ratio 1.5 and 1-175
@@ -41,9 +41,9 @@ LOCAL_TRANSLATION_SOURCES = (
 
 
 def find_translation_source(data_dir: Optional[os.PathLike] = None) -> Optional[tuple[str, Path]]:
-    """``(corpus, raw)`` for a local IWSLT'14 archive or folder, else Multi30k De-En (the
+    """`(corpus, raw)` for a local IWSLT'14 archive or folder, else Multi30k De-En (the
     stand-in where IWSLT'14 cannot be fetched), in the data roots; None if there is none.
-    ``raw`` is what scripts/prepare_iwslt14.py takes as --raw-dir."""
+    `raw` is what scripts/prepare_iwslt14.py takes as --raw-dir."""
     for root in data_roots(data_dir):
         for corpus, relative in LOCAL_TRANSLATION_SOURCES:
             path = root / relative
@@ -67,7 +67,7 @@ def strip_train_tags(lines: Iterable[str]) -> list[str]:
 
 
 def extract_xml_segments(lines: Iterable[str]) -> list[str]:
-    """The sentences of an IWSLT dev/test XML file, one per ``<seg id=...>`` line."""
+    """The sentences of an IWSLT dev/test XML file, one per `<seg id=...>` line."""
     out = []
     for line in lines:
         if "<seg id" not in line:
@@ -95,7 +95,7 @@ def clean_parallel(
     max_word_length: int = 1000,
 ) -> tuple[list[str], list[str]]:
     """Moses clean-corpus-n.perl: normalise spaces, drop empty, too short or long,
-    length-ratio > ``ratio`` and over-long-word pairs."""
+    length-ratio > `ratio` and over-long-word pairs."""
     if len(src) != len(tgt):
         raise ValueError(f"parallel files differ in length: {len(src)} vs {len(tgt)} lines")
     # Pipes are Moses factor separators: removed unless the first line looks factored.
@@ -121,7 +121,7 @@ def clean_parallel(
 
 
 def split_every(lines: Sequence[str], every: int = 23) -> tuple[list[str], list[str]]:
-    """(train, valid): valid is every ``every``-th line (1-based), as ``awk NR%23``."""
+    """(train, valid): valid is every `every`-th line (1-based), as `awk NR%23`."""
     train = [line for i, line in enumerate(lines, 1) if i % every != 0]
     valid = [line for i, line in enumerate(lines, 1) if i % every == 0]
     return train, valid

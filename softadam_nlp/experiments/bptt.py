@@ -1,13 +1,13 @@
 """Truncated backpropagation through time inside the Hugging Face Trainer, as the
 AWD-LSTM recipe trains (Merity et al. 2017, and its public code's main.py):
 
-- the token stream is cut into ``batch_size`` contiguous columns; training walks them
-  in order, one segment of ``seq_len`` tokens per step, and the hidden state is carried
+- the token stream is cut into `batch_size` contiguous columns; training walks them
+  in order, one segment of `seq_len` tokens per step, and the hidden state is carried
   from one segment to the next (detached), reset at the start of every epoch;
-- ``seq_len`` is drawn per segment: ``bptt`` with probability 0.95 else ``bptt / 2``,
+- `seq_len` is drawn per segment: `bptt` with probability 0.95 else `bptt / 2`,
   plus normal noise of std 5, at least 5; the learning rate of that step is scaled by
-  ``seq_len / bptt`` (short segments take smaller steps);
-- evaluation runs over a whole split with fixed ``bptt`` segments, carrying the state,
+  `seq_len / bptt` (short segments take smaller steps);
+- evaluation runs over a whole split with fixed `bptt` segments, carrying the state,
   and reports the per-token cross-entropy and its exponential (perplexity).
 
 One deviation, forced by Trainer: it needs the same number of batches in every epoch,
@@ -18,7 +18,7 @@ the stream exactly; every token is still predicted once per epoch. The draws dep
 only on (seed, epoch), so a resumed run sees the same segments.
 
 Single process only: the carried state ties each column to one stream, which
-Trainer's data sharding would break; :class:`BPTTTrainer` refuses a distributed run.
+Trainer's data sharding would break; `BPTTTrainer` refuses a distributed run.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ MIN_SEGMENT = 5
 
 
 def batchify_streams(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``batch_size`` contiguous streams, batch-first ``(batch, length)``: the demo's
-    :func:`~softadam_nlp.data.ptb.batchify` transposed (the ``len % batch_size``
+    """`batch_size` contiguous streams, batch-first `(batch, length)`: the demo's
+    `batchify` transposed (the `len % batch_size`
     trailing tokens are dropped, as in the recipe)."""
     streams = batchify(tokens, batch_size).t()
     if streams.size(1) < 2:
@@ -56,7 +56,7 @@ def draw_segment_length(rng: np.random.Generator, bptt: int) -> int:
 
 
 def segment_count(predictions: int, bptt: int) -> int:
-    """Segments per epoch: ``predictions`` (tokens to predict per stream) over the
+    """Segments per epoch: `predictions` (tokens to predict per stream) over the
     recipe's mean segment length."""
     if predictions < 1 or bptt < 1:
         raise ValueError(f"need predictions >= 1 and bptt >= 1, got {predictions} and {bptt}")
@@ -70,8 +70,8 @@ def segments_per_epoch(tokens: torch.Tensor, batch_size: int, bptt: int) -> int:
 
 
 def epoch_segment_lengths(predictions: int, bptt: int, seed: int, epoch: int) -> list[int]:
-    """Lengths of one epoch's segments, summing to ``predictions`` (tokens to predict per
-    stream). Their count (:func:`segment_count`) does not depend on the epoch."""
+    """Lengths of one epoch's segments, summing to `predictions` (tokens to predict per
+    stream). Their count (`segment_count`) does not depend on the epoch."""
     count = segment_count(predictions, bptt)
     rng = np.random.default_rng([seed, epoch])
     drawn = np.array([draw_segment_length(rng, bptt) for _ in range(count)], dtype=np.float64)
@@ -95,9 +95,9 @@ def epoch_segment_lengths(predictions: int, bptt: int, seed: int, epoch: int) ->
 
 
 class BPTTSegments(Dataset):
-    """One epoch of training segments; item ``i`` is already a batch:
-    ``{"input_ids", "labels"}`` of shape ``(batch, seq_len)`` plus ``seq_len`` and ``segment`` (= i).
-    Call :meth:`set_epoch` before iterating an epoch."""
+    """One epoch of training segments; item `i` is already a batch:
+    `{"input_ids", "labels"}` of shape `(batch, seq_len)` plus `seq_len` and `segment` (= i).
+    Call `set_epoch` before iterating an epoch."""
 
     def __init__(self, tokens: torch.Tensor, batch_size: int, bptt: int, seed: int = 0):
         self.streams = batchify_streams(tokens, batch_size)
@@ -124,8 +124,8 @@ class BPTTSegments(Dataset):
 
 @torch.no_grad()
 def evaluate_stream(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int, bptt: int) -> dict[str, float]:
-    """Mean per-token cross-entropy over a whole split (fixed ``bptt`` segments, state
-    carried, as the recipe evaluates): ``{"loss", "ppl", "tokens"}``."""
+    """Mean per-token cross-entropy over a whole split (fixed `bptt` segments, state
+    carried, as the recipe evaluates): `{"loss", "ppl", "tokens"}`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -133,8 +133,11 @@ def evaluate_stream(model: torch.nn.Module, tokens: torch.Tensor, batch_size: in
     hidden, total, count = None, 0.0, 0
     for start in range(0, streams.size(1) - 1, bptt):
         length = min(bptt, streams.size(1) - 1 - start)
-        out = model(input_ids=streams[:, start : start + length],
-                    labels=streams[:, start + 1 : start + 1 + length], hidden=hidden)
+        out = model(
+            input_ids=streams[:, start : start + length],
+            labels=streams[:, start + 1 : start + 1 + length],
+            hidden=hidden,
+        )
         hidden = out.hidden
         total += out.cross_entropy.item() * length * batch_size
         count += length * batch_size
@@ -145,9 +148,9 @@ def evaluate_stream(model: torch.nn.Module, tokens: torch.Tensor, batch_size: in
 
 class _EpochAndLearningRate(TrainerCallback):
     """Tells the segments which epoch starts; scales each step's learning rate by
-    ``seq_len / bptt`` and restores it after the step (so schedules never see it)."""
+    `seq_len / bptt` and restores it after the step (so schedules never see it)."""
 
-    def __init__(self, trainer: "BPTTTrainer"):
+    def __init__(self, trainer: BPTTTrainer):
         self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -170,17 +173,23 @@ class _EpochAndLearningRate(TrainerCallback):
 
 
 class BPTTTrainer(Trainer):
-    """Trainer for a recurrent LM whose forward takes and returns ``hidden``
-    (e.g. :class:`~softadam_nlp.models.awd_lstm.AWDLSTMForLanguageModeling`).
+    """Trainer for a recurrent LM whose forward takes and returns `hidden`
+    (e.g. `AWDLSTMForLanguageModeling`).
 
-    ``train_tokens`` / ``eval_tokens`` are 1-D token-id streams; the training batch is
-    ``args.per_device_train_batch_size`` streams, evaluation uses
-    ``args.per_device_eval_batch_size``. ``evaluate`` reports ``<prefix>_loss`` and
-    ``<prefix>_ppl`` over the whole split.
+    `train_tokens` / `eval_tokens` are 1-D token-id streams; the training batch is
+    `args.per_device_train_batch_size` streams, evaluation uses
+    `args.per_device_eval_batch_size`. `evaluate` reports `<prefix>_loss` and
+    `<prefix>_ppl` over the whole split.
     """
 
-    def __init__(self, *args: Any, train_tokens: torch.Tensor, eval_tokens: Optional[torch.Tensor] = None,
-                 bptt: int = 70, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        train_tokens: torch.Tensor,
+        eval_tokens: Optional[torch.Tensor] = None,
+        bptt: int = 70,
+        **kwargs: Any,
+    ):
         if bptt < 2:
             raise ValueError(f"bptt must be >= 2, got {bptt}")
         self.bptt = bptt
@@ -190,8 +199,9 @@ class BPTTTrainer(Trainer):
         self._clock_started: Optional[float] = None
         self._clock_offset: Optional[float] = None
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        self.train_segments = BPTTSegments(train_tokens, training_args.per_device_train_batch_size, bptt,
-                                           seed=training_args.seed)
+        self.train_segments = BPTTSegments(
+            train_tokens, training_args.per_device_train_batch_size, bptt, seed=training_args.seed
+        )
         # eval_dataset is only there for Trainer's checks: evaluate() reads eval_tokens.
         super().__init__(*args, train_dataset=self.train_segments, eval_dataset=eval_tokens, **kwargs)
         if self.args.world_size > 1:
@@ -224,15 +234,19 @@ class BPTTTrainer(Trainer):
         self.carried_hidden = outputs.hidden
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    def evaluate(self, eval_dataset: Optional[torch.Tensor] = None, ignore_keys=None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Optional[torch.Tensor] = None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         tokens = self.eval_tokens if eval_dataset is None else eval_dataset
         if tokens is None:
             raise ValueError("no evaluation tokens: pass eval_tokens= to BPTTTrainer or a stream to evaluate()")
         started = time.time()
         result = evaluate_stream(self.model, tokens, self.args.per_device_eval_batch_size, self.bptt)
-        metrics = {f"{metric_key_prefix}_loss": result["loss"], f"{metric_key_prefix}_ppl": result["ppl"],
-                   f"{metric_key_prefix}_runtime": time.time() - started}
+        metrics = {
+            f"{metric_key_prefix}_loss": result["loss"],
+            f"{metric_key_prefix}_ppl": result["ppl"],
+            f"{metric_key_prefix}_runtime": time.time() - started,
+        }
         if self._clock_started is not None:
             metrics[f"{metric_key_prefix}_train_seconds"] = self.train_seconds()
         self.log(metrics)

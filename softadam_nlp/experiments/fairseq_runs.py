@@ -56,12 +56,12 @@ _PROCESS_START = re.compile(r"\btraining on \d+ devices")
 
 
 def parse_fairseq_log(lines: Iterable[str]) -> dict[str, list[dict]]:
-    """Per-epoch ``train`` and ``valid`` records from ``--log-format json`` output.
+    """Per-epoch `train` and `valid` records from `--log-format json` output.
 
-    Reads both the console form (``... | train | {json}``) and the bare JSON lines of a
-    ``--log-file``; a record is an epoch's train or valid summary by its keys. A log that
+    Reads both the console form (`... | train | {json}`) and the bare JSON lines of a
+    `--log-file`; a record is an epoch's train or valid summary by its keys. A log that
     resumed runs append to holds several fairseq processes: each record gets
-    ``"process"``, the number of the process that logged it (0, 1, ...; counted from
+    `"process"`, the number of the process that logged it (0, 1, ...; counted from
     fairseq-train's "training on N devices" start line).
     """
     records: dict[str, list[dict]] = {"train": [], "valid": [], "train_inner": []}
@@ -88,7 +88,7 @@ def parse_fairseq_log(lines: Iterable[str]) -> dict[str, list[dict]]:
 
 
 def progress_line(line: str) -> str | None:
-    """One short line for a fairseq ``--log-format json`` console line worth showing while
+    """One short line for a fairseq `--log-format json` console line worth showing while
     training runs (every --log-interval updates and each epoch's summaries), else None."""
     start = line.find('{"')
     if start < 0:
@@ -98,19 +98,23 @@ def progress_line(line: str) -> str | None:
     except json.JSONDecodeError:
         return None
     if "train_loss" in record:
-        return (f"epoch {record['epoch']} done: update {record.get('train_num_updates')}, train loss "
-                f"{record['train_loss']}, ppl {record.get('train_ppl')}, {record.get('train_wall')} s")
+        return (
+            f"epoch {record['epoch']} done: update {record.get('train_num_updates')}, train loss "
+            f"{record['train_loss']}, ppl {record.get('train_ppl')}, {record.get('train_wall')} s"
+        )
     if "valid_loss" in record:
         return f"epoch {record['epoch']} valid: loss {record['valid_loss']}, ppl {record.get('valid_ppl')}"
     if "loss" in record and "num_updates" in record:
-        return (f"epoch {record.get('epoch')} update {record['num_updates']}: loss {record['loss']}, "
-                f"ppl {record.get('ppl')}, lr {record.get('lr')}, {record.get('wall')} s")
+        return (
+            f"epoch {record.get('epoch')} update {record['num_updates']}: loss {record['loss']}, "
+            f"ppl {record.get('ppl')}, lr {record.get('lr')}, {record.get('wall')} s"
+        )
     return None
 
 
 def divergence(records: dict[str, list[dict]]) -> dict | None:
     """The first logged training interval whose loss or perplexity is not finite
-    (``{"num_updates", "loss", "lr"}``), or None. fairseq-fixed's NaN detector then
+    (`{"num_updates", "loss", "lr"}`), or None. fairseq-fixed's NaN detector then
     crashes with a StopIteration from inside torch instead of saying so."""
     for record in records.get("train_inner", []):
         if not all(math.isfinite(float(record.get(key, 0))) for key in ("loss", "ppl")):
@@ -133,8 +137,8 @@ def epoch_curves(records: dict[str, list[dict]]) -> list[dict]:
     killed in between resumes after that epoch without ever logging it: such an epoch
     keeps its validation figures and has no train_* or wall_seconds.
 
-    ``wall_seconds`` is the training time up to the end of the epoch, summed over the
-    processes of a resumed run (see ``_cumulative_wall``).
+    `wall_seconds` is the training time up to the end of the epoch, summed over the
+    processes of a resumed run (see `_cumulative_wall`).
     """
     valid = {int(r["epoch"]): r for r in records["valid"]}
     train = {int(r["epoch"]): r for r in records["train"]}
@@ -143,8 +147,13 @@ def epoch_curves(records: dict[str, list[dict]]) -> list[dict]:
     for epoch in sorted(train.keys() | valid.keys()):
         if epoch in train:
             r = train[epoch]
-            row = {"epoch": epoch, "num_updates": int(r["train_num_updates"]), "wall_seconds": wall[epoch],
-                   "train_loss": float(r["train_loss"]), "train_ppl": float(r["train_ppl"])}
+            row = {
+                "epoch": epoch,
+                "num_updates": int(r["train_num_updates"]),
+                "wall_seconds": wall[epoch],
+                "train_loss": float(r["train_loss"]),
+                "train_ppl": float(r["train_ppl"]),
+            }
         else:
             row = {"epoch": epoch}
             if "valid_num_updates" in valid[epoch]:
@@ -159,7 +168,7 @@ def epoch_curves(records: dict[str, list[dict]]) -> list[dict]:
 def _cumulative_wall(train_summaries: list[dict]) -> dict[int, float]:
     """Epoch -> seconds of training up to its end, across resumes.
 
-    fairseq's ``train_wall`` counts from the start of its process, so it starts again
+    fairseq's `train_wall` counts from the start of its process, so it starts again
     from 0 when a run resumes. The resumed process continues from the checkpoint of the
     epoch before its first one, so its clock is added to that epoch's total. Work lost
     to a kill (the unfinished epoch) is not counted; neither is an epoch whose summary
@@ -182,13 +191,16 @@ def _cumulative_wall(train_summaries: list[dict]) -> dict[int, float]:
 
 def epoch_checkpoints(checkpoint_dir: Path) -> list[Path]:
     """checkpointN.pt files in epoch order."""
-    found = [(int(m.group(1)), p) for p in checkpoint_dir.glob("checkpoint*.pt")
-             if (m := re.fullmatch(r"checkpoint(\d+)\.pt", p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in checkpoint_dir.glob("checkpoint*.pt")
+        if (m := re.fullmatch(r"checkpoint(\d+)\.pt", p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
 def checkpoints_to_average(checkpoint_dir: Path, last: int) -> list[Path]:
-    """The ``last`` newest checkpoints of a run: its epoch checkpoints, plus
+    """The `last` newest checkpoints of a run: its epoch checkpoints, plus
     checkpoint_last.pt when training stopped mid-epoch (--max-update), since fairseq then
     writes no epoch checkpoint for the final updates and averaging would leave them out."""
     if last < 1:
@@ -201,8 +213,8 @@ def checkpoints_to_average(checkpoint_dir: Path, last: int) -> list[Path]:
 
 
 def average_checkpoints(paths: Sequence[Path], output: Path) -> Path:
-    """Average the model parameters of ``paths`` (as fairseq's average_checkpoints.py does)
-    into ``output``; everything else is taken from the last checkpoint."""
+    """Average the model parameters of `paths` (as fairseq's average_checkpoints.py does)
+    into `output`; everything else is taken from the last checkpoint."""
     if not paths:
         raise ValueError("no checkpoints to average")
     total: dict[str, torch.Tensor] = {}
@@ -251,13 +263,14 @@ def detokenized_bleu(hyps: Sequence[str], refs: Sequence[str], lang: str) -> dic
 
     detok = MosesDetokenizer(lang=lang)
     metric = sacrebleu.metrics.BLEU()
-    score = metric.corpus_score([detok.detokenize(h.split()) for h in hyps],
-                                [[detok.detokenize(r.split()) for r in refs]])
+    score = metric.corpus_score(
+        [detok.detokenize(h.split()) for h in hyps], [[detok.detokenize(r.split()) for r in refs]]
+    )
     return {"sacrebleu": score.score, "signature": str(metric.get_signature())}
 
 
 def _updates_if_complete(checkpoint: Path) -> Optional[int]:
-    """Updates done according to ``checkpoint``, or None when it does not load."""
+    """Updates done according to `checkpoint`, or None when it does not load."""
     try:
         return finished_updates(checkpoint)
     except Exception:  # truncated or corrupt: whatever torch's reader raises
@@ -265,7 +278,7 @@ def _updates_if_complete(checkpoint: Path) -> Optional[int]:
 
 
 def recover_last_checkpoint(checkpoint_dir: Path) -> Optional[str]:
-    """Make ``checkpoint_last.pt`` the newest complete checkpoint again after a crash.
+    """Make `checkpoint_last.pt` the newest complete checkpoint again after a crash.
 
     At the end of an epoch fairseq writes checkpointN.pt atomically (a .tmp file, then a
     rename), then copies it onto checkpoint_best.pt and checkpoint_last.pt in place. A run

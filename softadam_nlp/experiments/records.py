@@ -1,8 +1,8 @@
 """One JSON record per finished run, shared by the IWSLT (fairseq) and PTB (Trainer)
 experiments so that scripts/report.py reads both.
 
-A record lives at ``RESULTS/<optimizer>-seed<N>.json``, where RESULTS defaults to
-``results/<preset>/<experiment>`` (default_results) and a sweep gives each setting its own
+A record lives at `RESULTS/<optimizer>-seed<N>.json`, where RESULTS defaults to
+`results/<preset>/<experiment>` (default_results) and a sweep gives each setting its own
 folder. It is written only when the run has finished (to a temporary name, then renamed): a crashed run leaves no
 record, so a rerun never mistakes it for a result.
 """
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 
 REPO = Path(__file__).resolve().parents[2]
 

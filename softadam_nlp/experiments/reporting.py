@@ -24,20 +24,23 @@ PAPER = {
 }
 # Per experiment: (record field, column title, paper field or None).
 COLUMNS = {
-    "iwslt14": [("valid_ppl", "val ppl", "valid_ppl"), ("tokenized_bleu", "BLEU (tok.)", "bleu"),
-                ("sacrebleu", "sacreBLEU", None)],
+    "iwslt14": [
+        ("valid_ppl", "val ppl", "valid_ppl"),
+        ("tokenized_bleu", "BLEU (tok.)", "bleu"),
+        ("sacrebleu", "sacreBLEU", None),
+    ],
     "ptb": [("valid_ppl", "val ppl", "valid_ppl"), ("test_ppl", "test ppl", None)],
 }
 OPTIMIZER_ORDER = ("sgd", "softadam", "adam", "adamw")
 
 
 def load_records(folder: Path) -> list[dict]:
-    """Every finished record (``*.json``) under ``folder``."""
+    """Every finished record (`*.json`) under `folder`."""
     return [json.loads(p.read_text()) for p in sorted(folder.rglob("*.json"))]
 
 
 def run_setting(record: dict, config_key: str, flag: str) -> float | None:
-    """A setting of the run: ``config[config_key]`` (Trainer runs) or the value of ``flag`` in
+    """A setting of the run: `config[config_key]` (Trainer runs) or the value of `flag` in
     its recorded command (fairseq); None when the record has neither."""
     value = (record.get("config") or {}).get(config_key)
     if value is None:
@@ -46,7 +49,7 @@ def run_setting(record: dict, config_key: str, flag: str) -> float | None:
 
 
 def learning_rate(record: dict) -> float | None:
-    """The run's peak learning rate: ``config.lr`` (Trainer runs) or ``--lr`` of its command (fairseq)."""
+    """The run's peak learning rate: `config.lr` (Trainer runs) or `--lr` of its command (fairseq)."""
     return run_setting(record, "lr", "--lr")
 
 
@@ -57,7 +60,7 @@ def last_epoch_valid_ppl(record: dict) -> float | None:
 
 
 def mean_std(values: Sequence[float | None]) -> str:
-    """``mean ± std`` over the runs that have the value ("-" when none has it)."""
+    """`mean ± std` over the runs that have the value ("-" when none has it)."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
@@ -67,15 +70,15 @@ def mean_std(values: Sequence[float | None]) -> str:
 
 
 def command_value(record: dict, flag: str) -> str | None:
-    """The value given to ``flag`` in the run's recorded command line, if any."""
+    """The value given to `flag` in the run's recorded command line, if any."""
     command = record.get("command", [])
     return command[command.index(flag) + 1] if flag in command else None
 
 
 def eta_schedule(record: dict) -> tuple[str, float, float] | None:
     """(kind, eta at the start, eta at the end) of a SoftAdam run whose eta was scheduled;
-    None for a constant eta or another optimizer. From ``config`` (Trainer runs) or the
-    ``--softadam-eta-schedule/--softadam-eta/--softadam-eta-end`` flags (fairseq)."""
+    None for a constant eta or another optimizer. From `config` (Trainer runs) or the
+    `--softadam-eta-schedule/--softadam-eta/--softadam-eta-end` flags (fairseq)."""
     config = record.get("config") or {}
     kind = config.get("eta_schedule") or command_value(record, "--softadam-eta-schedule")
     if record.get("optimizer") != "softadam" or kind in (None, "constant"):
@@ -84,7 +87,7 @@ def eta_schedule(record: dict) -> tuple[str, float, float] | None:
 
 
 def warmup_steps(record: dict) -> int | None:
-    """The run's warmup length: ``config.warmup_steps`` (Trainer runs) or ``--warmup-updates``
+    """The run's warmup length: `config.warmup_steps` (Trainer runs) or `--warmup-updates`
     of its command (fairseq); None when the record does not say."""
     value = run_setting(record, "warmup_steps", "--warmup-updates")
     return int(value) if value is not None else None
@@ -92,8 +95,8 @@ def warmup_steps(record: dict) -> int | None:
 
 def run_label(record: dict) -> str:
     """What a table row or a curve stands for: the optimizer, SoftAdam's eta schedule when it
-    has one (``softadam, eta 2→0 linear``) and SoftAdam's warmup when it has one
-    (``softadam, warmup 100``; the paper's SoftAdam has none), so such runs never pool with
+    has one (`softadam, eta 2→0 linear`) and SoftAdam's warmup when it has one
+    (`softadam, warmup 100`; the paper's SoftAdam has none), so such runs never pool with
     the paper's setting."""
     label = record["optimizer"]
     schedule = eta_schedule(record)
@@ -113,8 +116,8 @@ def label_rank(label: str) -> tuple[int, str]:
 
 
 def markdown_table(records: list[dict], experiment: str, by_lr: bool = False) -> str:
-    """One row per optimizer (and eta schedule, see ``run_label``): mean ± std over seeds
-    (n runs), the paper's figure beside each. ``by_lr``: one row per optimizer and
+    """One row per optimizer (and eta schedule, see `run_label`): mean ± std over seeds
+    (n runs), the paper's figure beside each. `by_lr`: one row per optimizer and
     learning rate (a sweep), with the last epoch's validation perplexity beside the final one."""
     by_optimizer: dict = defaultdict(list)
     for record in records:
@@ -128,8 +131,11 @@ def markdown_table(records: list[dict], experiment: str, by_lr: bool = False) ->
     for key in sorted(by_optimizer, key=lambda key: (label_rank(key[0]), key[1]) if by_lr else label_rank(key)):
         runs = by_optimizer[key]
         label = key[0] if by_lr else key
-        row = [label, f"{key[1]:g}", str(len(runs)), mean_std([last_epoch_valid_ppl(r) for r in runs])] \
-            if by_lr else [label, str(len(runs))]
+        row = (
+            [label, f"{key[1]:g}", str(len(runs)), mean_std([last_epoch_valid_ppl(r) for r in runs])]
+            if by_lr
+            else [label, str(len(runs))]
+        )
         for key, _, paper_key in COLUMNS[experiment]:
             row.append(mean_std([r[key] for r in runs]))
             if paper_key:  # the paper has constant-eta SoftAdam only
@@ -145,8 +151,8 @@ PER_SEED_METRICS = {"iwslt14": ("valid_ppl", "tokenized_bleu"), "ptb": ("valid_p
 
 
 def per_seed_table(records: list[dict], experiment: str, baseline: str | None = None) -> str:
-    """One row per ``run_label``, one column per seed: the validation perplexity (Multi30k /
-    IWSLT: ``ppl / BLEU``). With ``baseline`` (a row label, e.g. ``softadam``) each cell also
+    """One row per `run_label`, one column per seed: the validation perplexity (Multi30k /
+    IWSLT: `ppl / BLEU`). With `baseline` (a row label, e.g. `softadam`) each cell also
     shows, in brackets, its difference from the baseline's run of the same seed, and a last
     column the mean of those differences: the paired comparison that a few seeds allow, where
     seed-to-seed spread would swamp a comparison of means. Raises ValueError when two records
@@ -214,8 +220,12 @@ def plot_train_curves(records: list[dict], path: Path, title: str, ylabel: str =
     for record in sorted(records, key=lambda r: (r["optimizer"], r.get("seed", 0))):
         curve = record.get("train_curve") or []
         if curve:
-            ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker=".",
-                    label=f"{record['optimizer']} (seed {record.get('seed', '?')})")
+            ax.plot(
+                [p["step"] for p in curve],
+                [p["loss"] for p in curve],
+                marker=".",
+                label=f"{record['optimizer']} (seed {record.get('seed', '?')})",
+            )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -227,7 +237,7 @@ def plot_train_curves(records: list[dict], path: Path, title: str, ylabel: str =
 
 def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
     """Validation perplexity per epoch, mean over seeds per optimizer and eta schedule
-    (``run_label``; Figure 2 style)."""
+    (`run_label`; Figure 2 style)."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -252,7 +262,7 @@ def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
 
 
 def plot_lr_sweep(records: list[dict], path: Path, title: str, metric: str = "valid_ppl") -> Path:
-    """``metric`` against the learning rate, one line per optimizer (mean over seeds, log-log
+    """`metric` against the learning rate, one line per optimizer (mean over seeds, log-log
     axes): where each optimizer's best rate lies and how sharply it degrades around it.
     Learning rates differ by orders of magnitude across optimizers, hence one x axis in log."""
     plt = pyplot()
@@ -281,7 +291,7 @@ def plot_lr_sweep(records: list[dict], path: Path, title: str, metric: str = "va
 
 
 def softadam_eta(record: dict) -> float | None:
-    """SoftAdam's eta of a run: ``config.eta`` (Trainer runs) or ``--softadam-eta`` of its command (fairseq)."""
+    """SoftAdam's eta of a run: `config.eta` (Trainer runs) or `--softadam-eta` of its command (fairseq)."""
     return run_setting(record, "eta", "--softadam-eta")
 
 
@@ -313,7 +323,7 @@ def sensitivity_table(records: list[dict], metric: str = "valid_ppl") -> str:
 
 
 def plot_sensitivity_heatmap(records: list[dict], path: Path, title: str, metric: str = "valid_ppl") -> Path:
-    """SoftAdam's eta x learning-rate grid as a heatmap of ``metric`` (log colour scale,
+    """SoftAdam's eta x learning-rate grid as a heatmap of `metric` (log colour scale,
     capped at 3x the best so one diverged cell does not wash out the rest)."""
     plt = pyplot()
     import numpy as np
@@ -328,13 +338,20 @@ def plot_sensitivity_heatmap(records: list[dict], path: Path, title: str, metric
     fig, ax = plt.subplots(figsize=(1.1 * len(lrs) + 2.5, 0.6 * len(etas) + 1.8))
     shown = np.where(np.isinf(values), 3 * best, np.minimum(values, 3 * best))
     image = ax.imshow(shown, cmap="viridis_r", norm=LogNorm(vmin=best, vmax=3 * best), aspect="auto")
-    for i, eta in enumerate(etas):
-        for j, lr in enumerate(lrs):
+    for i in range(len(etas)):
+        for j in range(len(lrs)):
             value = values[i, j]
             text = "" if np.isnan(value) else "div." if np.isinf(value) else f"{value:.0f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                    color="black" if np.isfinite(value) and value < 1.5 * best else "white",
-                    fontweight="bold" if value == best else "normal")
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if np.isfinite(value) and value < 1.5 * best else "white",
+                fontweight="bold" if value == best else "normal",
+            )
     ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
     ax.set_yticks(range(len(etas)), [f"{eta:g}" for eta in etas])
     ax.set_xlabel("learning rate")

@@ -1,25 +1,25 @@
 """AWD-LSTM (Merity, Keskar and Socher 2017, "Regularizing and Optimizing LSTM Language
-Models") as a transformers ``PreTrainedModel``, for the paper's Table 2.
+Models") as a transformers `PreTrainedModel`, for the paper's Table 2.
 
 Embedding 400, three LSTM layers (1150, 1150, 400), decoder tied to the embedding, and
 the recipe's regularizers:
 
 - weight drop: DropConnect on each layer's hidden-to-hidden matrix, one mask per forward
-  call (so per BPTT segment), applied with ``torch.func.functional_call`` on a stock
-  ``nn.LSTM``: the raw weight stays the trained parameter, the dropped copy is what the
+  call (so per BPTT segment), applied with `torch.func.functional_call` on a stock
+  `nn.LSTM`: the raw weight stays the trained parameter, the dropped copy is what the
   LSTM multiplies by, and nothing is deleted or re-registered behind torch's back;
 - embedding dropout: whole words of the vocabulary dropped (rows of the embedding);
 - locked (variational) dropout: one mask per sequence, shared over time, on the
-  embedding output (``dropout_input``), between LSTM layers (``dropout_hidden``) and on
-  the last layer's output (``dropout_output``);
-- activation regularization ``alpha * mean(h_drop^2)`` and temporal activation
-  regularization ``beta * mean((h_t - h_{t-1})^2)`` on the last layer, added to the
+  embedding output (`dropout_input`), between LSTM layers (`dropout_hidden`) and on
+  the last layer's output (`dropout_output`);
+- activation regularization `alpha * mean(h_drop^2)` and temporal activation
+  regularization `beta * mean((h_t - h_{t-1})^2)` on the last layer, added to the
   training loss only.
 
-Tensors are batch-first, ``(batch, time)``. ``labels`` are the next tokens aligned with
-``input_ids`` (``labels[:, t]`` follows ``input_ids[:, t]``), not shifted inside the model:
+Tensors are batch-first, `(batch, time)`. `labels` are the next tokens aligned with
+`input_ids` (`labels[:, t]` follows `input_ids[:, t]`), not shifted inside the model:
 a stream cut into consecutive segments then predicts every token exactly once.
-The returned ``hidden`` is detached, ready to be passed to the next segment.
+The returned `hidden` is detached, ready to be passed to the next segment.
 """
 
 from __future__ import annotations
@@ -59,9 +59,13 @@ class AWDLSTMConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
-        for name, p in (("dropout_output", dropout_output), ("dropout_hidden", dropout_hidden),
-                        ("dropout_input", dropout_input), ("dropout_embedding", dropout_embedding),
-                        ("weight_drop", weight_drop)):
+        for name, p in (
+            ("dropout_output", dropout_output),
+            ("dropout_hidden", dropout_hidden),
+            ("dropout_input", dropout_input),
+            ("dropout_embedding", dropout_embedding),
+            ("weight_drop", weight_drop),
+        ):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"Invalid {name}={p}: a dropout probability must be in [0, 1)")
         if num_layers < 1:
@@ -85,8 +89,8 @@ class AWDLSTMConfig(PretrainedConfig):
 
 @dataclass
 class AWDLSTMOutput(ModelOutput):
-    """``loss`` is cross-entropy + AR + TAR in training, cross-entropy in eval;
-    ``cross_entropy`` is the mean per-token negative log-likelihood alone."""
+    """`loss` is cross-entropy + AR + TAR in training, cross-entropy in eval;
+    `cross_entropy` is the mean per-token negative log-likelihood alone."""
 
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
@@ -112,7 +116,7 @@ def embedding_dropout(embedding: nn.Embedding, input_ids: torch.Tensor, p: float
 
 
 class WeightDropLSTM(nn.Module):
-    """One ``nn.LSTM`` layer whose hidden-to-hidden weight is DropConnect-ed in training."""
+    """One `nn.LSTM` layer whose hidden-to-hidden weight is DropConnect-ed in training."""
 
     def __init__(self, input_size: int, hidden_size: int, weight_drop: float):
         super().__init__()
@@ -142,9 +146,7 @@ class AWDLSTMForLanguageModeling(PreTrainedModel):
         # The last layer's size matches the embedding, so the decoder can share its weight.
         last = config.embedding_size if config.tie_word_embeddings else config.hidden_size
         outputs = sizes[1:] + [last]
-        self.layers = nn.ModuleList(
-            WeightDropLSTM(i, o, config.weight_drop) for i, o in zip(sizes, outputs)
-        )
+        self.layers = nn.ModuleList(WeightDropLSTM(i, o, config.weight_drop) for i, o in zip(sizes, outputs))
         self.decoder = nn.Linear(outputs[-1], config.vocab_size)
         self.post_init()
 
@@ -167,10 +169,13 @@ class AWDLSTMForLanguageModeling(PreTrainedModel):
         return self.decoder
 
     def init_hidden(self, batch_size: int) -> Hidden:
-        """Zero state for ``batch_size`` streams."""
+        """Zero state for `batch_size` streams."""
         weight = self.decoder.weight
         return tuple(
-            (weight.new_zeros(1, batch_size, layer.lstm.hidden_size), weight.new_zeros(1, batch_size, layer.lstm.hidden_size))
+            (
+                weight.new_zeros(1, batch_size, layer.lstm.hidden_size),
+                weight.new_zeros(1, batch_size, layer.lstm.hidden_size),
+            )
             for layer in self.layers
         )
 
