@@ -20,13 +20,21 @@ whole-split evaluation (valid batch 10, test batch 1), the best epoch by validat
 loss kept. Presets: `paper` (the recipe's sizes, 500 epochs: a GPU run), `cpu` (a
 smaller model for about 20 minutes on 2 CPU cores), `tiny` (tests). SoftAdam uses weight
 drop 0.6 instead of 0.5, as the paper does. The run's record (same format as the IWSLT
-experiment's) goes to RESULTS/<optimizer>-seed<N>.json (default RESULTS: results/<preset>/ptb) when it
-has finished; an
-existing record is kept unless --force, and a crashed run resumes from its last epoch
-checkpoint in --output-dir.
+experiment's) goes to RESULTS/<optimizer>-seed<N>.json when it has finished; RESULTS is
+--results, by default runs/results/<preset>/ptb (the committed records under results/
+are written only by commands that name them). A record there with the same settings
+means the run has finished and is skipped (--force reruns); one with other settings is
+an error that says what differs. A crashed run resumes from its last epoch checkpoint
+in --output-dir.
 
 --model gpt2 trains a small GPT-2 on fixed blocks for --max-steps (no record; metrics
-in OUTPUT_DIR/metrics.json), to show the factory with a transformers model.
+in OUTPUT_DIR/metrics.json), to show the factory with a transformers model. An option
+of the other model's group is an error.
+
+TrainingArguments' own spellings are accepted too: --learning_rate, --max_steps,
+--num_train_epochs, --per_device_train_batch_size, --output_dir, --weight_decay,
+--warmup_steps, --max_grad_norm, --lr_scheduler_type, and every option here with
+underscores for dashes (--data_dir, --eta_schedule, ...).
 """
 
 from __future__ import annotations
@@ -57,13 +65,20 @@ from softadam_nlp.data.ptb import EOS, PTB_HUB_DATASET, load_ptb_hub, ptb_files
 from softadam_nlp.eta_schedule import eta_schedule_cli_error
 from softadam_nlp.experiments.bptt import BPTTTrainer, evaluate_stream, segments_per_epoch
 from softadam_nlp.experiments.checkpoints import last_complete_checkpoint
-from softadam_nlp.experiments.records import default_results, record_path, write_record
+from softadam_nlp.experiments.records import (
+    RecordConflict,
+    default_results,
+    finished_with_settings,
+    record_path,
+    write_record,
+)
 from softadam_nlp.experiments.runtime import flush_denormals
 from softadam_nlp.hf import (
     add_deepspeed_argument,
     add_optimizer_arguments,
     available_reporters,
     deepspeed_cli_error,
+    normalize_trainer_spellings,
     optimizers_from_cli,
     trainer_optimizer_arguments,
     trainer_schedule_name,
@@ -154,6 +169,21 @@ def token_streams(raw: DatasetDict, tokenizer: PreTrainedTokenizerFast) -> dict[
     return streams
 
 
+# Defaults of the model-specific options, filled in after parsing (so that an option given
+# for the other model can be told from a default). awd_lstm's others come from --preset.
+GROUP_DEFAULTS = {
+    "preset": "cpu",
+    "force": False,
+    "dry_run": False,
+    "block_size": 70,
+    "hidden_size": 256,
+    "layers": 2,
+    "heads": 4,
+    "dropout": 0.2,
+    "max_steps": 2000,
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=None, help="folder with ptb.{train,valid,test}.txt")
@@ -173,7 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=None, help="checkpoints and logs (default: runs/ptb/...)")
     add_deepspeed_argument(p)
     awd = p.add_argument_group("awd_lstm (defaults from --preset)")
-    awd.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    awd.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu")
     awd.add_argument("--epochs", type=int, default=None)
     awd.add_argument("--bptt", type=int, default=None)
     awd.add_argument(
@@ -183,23 +213,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"default: the recipe's 0.5, {SOFTADAM_WEIGHT_DROP} for SoftAdam",
     )
     awd.add_argument(
-        "--results", type=Path, default=None, help="folder for the run's record (default: results/<preset>/ptb)"
+        "--results",
+        type=Path,
+        default=None,
+        help="folder for the run's record (default: runs/results/<preset>/ptb; results/ holds the committed ones)",
     )
-    awd.add_argument("--force", action="store_true", help="rerun even if the record exists")
+    awd.add_argument("--force", action="store_true", default=None, help="rerun even if the record exists")
     awd.add_argument(
         "--dry-run",
         action="store_true",
+        default=None,
         help="print the run's Trainer arguments (checked by transformers' parser) and optimizer; train nothing",
     )
     gpt2 = p.add_argument_group("gpt2")
-    gpt2.add_argument("--block-size", type=int, default=70, help="tokens per training sequence")
-    gpt2.add_argument("--hidden-size", type=int, default=256)
-    gpt2.add_argument("--layers", type=int, default=2)
-    gpt2.add_argument("--heads", type=int, default=4)
-    gpt2.add_argument("--dropout", type=float, default=0.2)
-    gpt2.add_argument("--max-steps", type=int, default=2000)
+    gpt2.add_argument("--block-size", type=int, default=None, help="tokens per training sequence (default: 70)")
+    gpt2.add_argument("--hidden-size", type=int, default=None, help="default: 256")
+    gpt2.add_argument("--layers", type=int, default=None, help="default: 2")
+    gpt2.add_argument("--heads", type=int, default=None, help="default: 4")
+    gpt2.add_argument("--dropout", type=float, default=None, help="default: 0.2")
+    gpt2.add_argument("--max-steps", type=int, default=None, help="default: 2000 (awd_lstm trains for --epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="training streams (awd_lstm) or blocks (gpt2)")
-    args = p.parse_args(argv)
+    args = p.parse_args(normalize_trainer_spellings(sys.argv[1:] if argv is None else argv, p))
+    # An option of the other model's group would be silently ignored: refuse it.
+    other, other_model = (gpt2, "gpt2") if args.model == "awd_lstm" else (awd, "awd_lstm")
+    given = [a.option_strings[0] for a in other._group_actions if getattr(args, a.dest) is not None]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        p.error(f"{', '.join(given)} {verb} to --model {other_model} only, not --model {args.model}")
+    for action in (*awd._group_actions, *gpt2._group_actions):
+        if action.dest in GROUP_DEFAULTS and getattr(args, action.dest) is None:
+            setattr(args, action.dest, GROUP_DEFAULTS[action.dest])
     if args.model == "awd_lstm":
         preset = PRESETS[args.preset]
         args.epochs = args.epochs or preset["epochs"]
@@ -293,6 +336,36 @@ def awd_lstm_setup(
     return model, training_args, steps_per_epoch * args.epochs
 
 
+def awd_settings(args: argparse.Namespace, model: AWDLSTMForLanguageModeling, num_training_steps: int) -> dict:
+    """What makes a run this run: the record's "config", compared with an existing record's."""
+    return {
+        "lr": args.lr,
+        "eta": args.eta if args.optimizer == "softadam" else None,
+        "eta_schedule": args.eta_schedule if args.optimizer == "softadam" else None,
+        "eta_end": args.eta_end,
+        "momentum": args.momentum if args.optimizer == "sgd" else None,
+        "weight_decay": args.weight_decay,
+        "lr_scheduler": args.lr_scheduler,
+        "warmup_steps": args.warmup_steps,
+        "epochs": args.epochs,
+        "bptt": args.bptt,
+        "batch_size": args.batch_size,
+        "max_grad_norm": args.max_grad_norm,
+        "steps": num_training_steps,
+        "model": model.config.to_diff_dict(),
+    }
+
+
+def comparable_settings(config: dict) -> dict:
+    """A record's "config" for comparison: the model's fields one by one (Trainer adds some,
+    such as its dtype, when it saves the model), without the transformers version."""
+    flat = {k: v for k, v in config.items() if k not in ("model", "flush_denormals")}
+    for key, value in (config.get("model") or {}).items():
+        if key != "transformers_version":
+            flat[f"model.{key}"] = value
+    return flat
+
+
 def awd_record_path(args: argparse.Namespace) -> Path:
     return record_path(args.results or default_results(args.preset, "ptb"), args.optimizer, args.seed)
 
@@ -333,11 +406,16 @@ def dry_run(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_si
     return 0
 
 
-def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], vocab_size: int, argv: list[str]) -> int:
+def train_awd_lstm(
+    args: argparse.Namespace,
+    streams: dict[str, torch.Tensor],
+    setup: tuple[AWDLSTMForLanguageModeling, TrainingArguments, int],
+    argv: list[str],
+) -> int:
     path = awd_record_path(args)
     if args.force and args.output_dir.exists():
         shutil.rmtree(args.output_dir)
-    model, training_args, num_training_steps = awd_lstm_setup(args, streams, vocab_size)
+    model, training_args, num_training_steps = setup
     trainer = BPTTTrainer(
         model=model,
         args=training_args,
@@ -363,23 +441,7 @@ def train_awd_lstm(args: argparse.Namespace, streams: dict[str, torch.Tensor], v
         "optimizer": args.optimizer,
         "seed": args.seed,
         "command": [sys.executable, "hf_examples/run_language_modeling.py", *argv],
-        "config": {
-            "lr": args.lr,
-            "eta": args.eta if args.optimizer == "softadam" else None,
-            "eta_schedule": args.eta_schedule if args.optimizer == "softadam" else None,
-            "eta_end": args.eta_end,
-            "momentum": args.momentum if args.optimizer == "sgd" else None,
-            "weight_decay": args.weight_decay,
-            "lr_scheduler": args.lr_scheduler,
-            "warmup_steps": args.warmup_steps,
-            "epochs": args.epochs,
-            "bptt": args.bptt,
-            "batch_size": args.batch_size,
-            "max_grad_norm": args.max_grad_norm,
-            "steps": num_training_steps,
-            "model": model.config.to_diff_dict(),
-            "flush_denormals": args.flush_denormals,
-        },
+        "config": {**awd_settings(args, model, num_training_steps), "flush_denormals": args.flush_denormals},
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": curve,
         "train_curve": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
@@ -454,21 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.hub_dataset and args.data_dir:
         print("error: give --data-dir or --hub-dataset, not both", file=sys.stderr)
         return 2
-    finished = args.model == "awd_lstm" and not (args.dry_run or args.force) and awd_record_path(args).exists()
     try:
         if args.hub_dataset:
-            if not finished:  # the hub copy can only be checked by downloading it
-                raw, args.data_source = load_ptb_hub(args.hub_dataset, verify=not args.no_verify), args.hub_dataset
+            raw, args.data_source = load_ptb_hub(args.hub_dataset, verify=not args.no_verify), args.hub_dataset
         else:
             files = ptb_files(args.data_dir, verify=not args.no_verify)  # a wrong or missing copy fails either way
-            if not finished:
-                raw, args.data_source = load_text(files), str(files["train"].parent)
+            raw, args.data_source = load_text(files), str(files["train"].parent)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if finished:  # skip before tokenizing: nothing to train
-        print(f"{awd_record_path(args)} exists: skipping (--force reruns)")
-        return 0
     tokenizer = word_tokenizer(raw["train"]["text"])
     streams = token_streams(raw, tokenizer)
     print(
@@ -478,9 +534,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.model == "awd_lstm" and args.dry_run:
         return dry_run(args, streams, len(tokenizer), argv)
+    if args.model == "awd_lstm":
+        # The run has finished only if a record of these very settings exists (the model and
+        # the step count come from the data, hence after tokenizing).
+        setup = awd_lstm_setup(args, streams, len(tokenizer))
+        try:
+            finished = not args.force and finished_with_settings(
+                awd_record_path(args),
+                comparable_settings(awd_settings(args, setup[0], setup[2])),
+                lambda record: comparable_settings(record.get("config", {})),
+            )
+        except RecordConflict as conflict:
+            print(f"error: {conflict}", file=sys.stderr)
+            return 2
+        if finished:
+            print(f"{awd_record_path(args)}: this run has finished (same settings): skipping (--force reruns)")
+            return 0
     with flush_denormals() as args.flush_denormals:  # a diverging sweep cell runs 6x slower without
         if args.model == "awd_lstm":
-            return train_awd_lstm(args, streams, len(tokenizer), argv)
+            return train_awd_lstm(args, streams, setup, argv)
         return train_gpt2(args, streams, len(tokenizer))
 
 

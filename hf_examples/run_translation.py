@@ -12,7 +12,9 @@ beam search and scores BLEU with sacrebleu.
 
 reads DIR/{train,valid}.{de,en} (one sentence per line, as the IWSLT'14 preparation
 writes them); --train-src/--train-tgt/--valid-src/--valid-tgt take any files instead.
-Metrics go to OUTPUT_DIR/metrics.json.
+Metrics go to OUTPUT_DIR/metrics.json. TrainingArguments' own spellings are accepted
+too (--learning_rate, --max_steps, --per_device_train_batch_size, --output_dir, ..., and
+every option with underscores for dashes).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from softadam_nlp.hf import (
     add_optimizer_arguments,
     available_reporters,
     deepspeed_cli_error,
+    normalize_trainer_spellings,
     trainer_optimizer_arguments,
     trainer_schedule_name,
 )
@@ -123,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--output-dir", type=Path, default=Path("runs/hf-translation"))
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     add_deepspeed_argument(train)
-    args = p.parse_args(argv)
+    args = p.parse_args(normalize_trainer_spellings(sys.argv[1:] if argv is None else argv, p))
     if args.data_dir:
         for split in ("train", "valid"):
             setattr(args, f"{split}_src", getattr(args, f"{split}_src") or args.data_dir / f"{split}.{args.src_lang}")

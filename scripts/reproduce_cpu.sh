@@ -49,14 +49,17 @@ for stage in "${stages[@]}"; do
     ptb)  # three seeds at the preset's rates; SoftAdam's per-tensor execution throughout, as
       # for the first seed, which predates the fused kernel (they agree to float rounding)
       for opt in softadam sgd adam; do
-        for seed in 1 2 3; do echo "$PY hf_examples/run_language_modeling.py --optimizer $opt --seed $seed --preset cpu"; done
+        for seed in 1 2 3; do
+          echo "$PY hf_examples/run_language_modeling.py --optimizer $opt --seed $seed --preset cpu --results results/cpu/ptb"
+        done
       done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS="$THREADS" SOFTADAM_NO_FUSED=1 sh -c {}
       ;;
     iwslt)  # three seeds at the preset's rates; per-tensor SoftAdam, as for ptb above
       needs_translation_data
       for opt in softadam sgd adamw; do
         for seed in 1 2 3; do
-          echo "$PY scripts/run_iwslt14.py --optimizer $opt --seed $seed --preset cpu --data-bin $DATA_BIN"
+          echo "$PY scripts/run_iwslt14.py --optimizer $opt --seed $seed --preset cpu --data-bin $DATA_BIN" \
+            "--results results/cpu/iwslt14"
         done
       done | xargs -P "$JOBS" -I{} env OMP_NUM_THREADS="$THREADS" SOFTADAM_NO_FUSED=1 sh -c {}
       ;;

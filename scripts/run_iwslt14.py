@@ -8,8 +8,11 @@ One run: fairseq-train (SoftAdam without warmup; AdamW and SGD with warmup; line
 decay to 0), the last --average-last epoch checkpoints averaged, fairseq-validate for
 the validation perplexity (fairseq's ppl, 2^nll), fairseq-generate --beam 5 --remove-bpe
 on test for tokenized BLEU (as the paper's era reported it) and sacreBLEU on
-detokenized text with its signature. The record goes to RESULTS/<preset>/<optimizer>-seed<N>.json,
-written when everything has finished; an existing record is kept unless --force.
+detokenized text with its signature. The record goes to RESULTS/<optimizer>-seed<N>.json
+(RESULTS: --results, by default runs/results/<preset>/iwslt14; the committed records under
+results/ are written only by commands that name them), when everything has finished. A
+record there of the same settings means the run has finished (--force reruns); one of
+other settings is an error that says what differs.
 Training resumes from its last checkpoint when rerun after a crash.
 
 Presets: `paper` is fairseq's transformer_iwslt_de_en recipe (label-smoothed CE 0.1,
@@ -48,7 +51,7 @@ from softadam_nlp.experiments.fairseq_runs import (
     recover_last_checkpoint,
     train_curve,
 )
-from softadam_nlp.experiments.records import default_results, write_record
+from softadam_nlp.experiments.records import RecordConflict, default_results, finished_with_settings, write_record
 from softadam_nlp.experiments.records import record_path as make_record_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +162,25 @@ OPTIMIZERS = {  # per optimizer: fairseq options and the default learning rate p
 def device_flags() -> list[str]:
     """fairseq runs on the GPU when there is one; ``--cpu`` otherwise."""
     return [] if torch.cuda.is_available() else ["--cpu"]
+
+
+# Options of the fairseq-train command that say where things are or how often to log, not
+# what is trained: left out when a record's command is compared with a new run's.
+NOT_SETTINGS = {"--user-dir", "--save-dir", "--log-file", "--log-interval", "--log-format", "--cpu"}
+
+
+def command_settings(command: list[str]) -> dict[str, str]:
+    """A fairseq-train command's options, as {option: its value(s)}, without the data-bin
+    path and the options in NOT_SETTINGS."""
+    settings: dict[str, str] = {}
+    option = None
+    for token in command[1:]:
+        if token.startswith("--"):
+            option = token
+            settings[option] = ""
+        elif option is not None:
+            settings[option] = f"{settings[option]} {token}".strip()
+    return {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
 
 
 def train_command(args: argparse.Namespace, save_dir: Path, log_file: Path) -> list[str]:
@@ -347,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--average-last", type=int, default=None, help="epoch checkpoints to average (preset's default)")
     p.add_argument(
-        "--results", type=Path, default=None, help="folder for the run's record (default: results/<preset>/iwslt14)"
+        "--results",
+        type=Path,
+        default=None,
+        help="folder for the run's record (default: runs/results/<preset>/iwslt14; results/ holds the committed ones)",
     )
     p.add_argument("--work-dir", type=Path, default=Path("runs/iwslt14"), help="checkpoints and logs")
     p.add_argument("--force", action="store_true", help="rerun even if the record exists")
@@ -375,14 +400,21 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(args, args.work_dir / args.preset / name)
     args.results = args.results or default_results(args.preset, "iwslt14")
     record_path = make_record_path(args.results, args.optimizer, args.seed)
-    if record_path.exists() and not args.force:
-        print(f"{record_path} exists: skipping (--force reruns)")
-        return 0
     work = args.work_dir / args.preset / name
+    command = train_command(args, work / "checkpoints", work / "train.log")
+    try:  # finished only if a record of these very settings exists
+        finished = not args.force and finished_with_settings(
+            record_path, command_settings(command), lambda record: command_settings(record["command"]), every_key=True
+        )
+    except RecordConflict as conflict:
+        print(f"error: {conflict}", file=sys.stderr)
+        return 2
+    if finished:
+        print(f"{record_path}: this run has finished (same settings): skipping (--force reruns)")
+        return 0
     if args.force and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    command = train_command(args, work / "checkpoints", work / "train.log")
     max_update = int(command[command.index("--max-update") + 1])
     recovered = recover_last_checkpoint(work / "checkpoints")
     if recovered:

@@ -56,6 +56,7 @@ __all__ = [
     "optimizer_cls_and_kwargs",
     "SCHEDULE_NAMES",
     "add_deepspeed_argument",
+    "normalize_trainer_spellings",
     "add_optimizer_arguments",
     "deepspeed_cli_error",
     "available_reporters",
@@ -488,6 +489,40 @@ def add_optimizer_arguments(
         "--lr-scheduler", choices=SCHEDULE_NAMES, default=lr_scheduler, help=f"default: {lr_scheduler or 'per model'}"
     )
     group.add_argument("--warmup-steps", type=float, default=0, help=">= 1: steps; < 1: fraction of training")
+
+
+# TrainingArguments' names for the example scripts' options, which transformers' own
+# example scripts (HfArgumentParser) spell this way.
+TRAINER_SPELLINGS = {
+    "--learning_rate": "--lr",
+    "--max_steps": "--max-steps",
+    "--num_train_epochs": "--epochs",
+    "--per_device_train_batch_size": "--batch-size",
+    "--output_dir": "--output-dir",
+    "--weight_decay": "--weight-decay",
+    "--warmup_steps": "--warmup-steps",
+    "--max_grad_norm": "--max-grad-norm",
+    "--lr_scheduler_type": "--lr-scheduler",
+    "--eval_steps": "--eval-steps",
+}
+
+
+def normalize_trainer_spellings(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``argv`` with TrainingArguments' spellings of ``parser``'s options (``--learning_rate``,
+    ``--max_steps``, ..., and any option with underscores for dashes) rewritten as the
+    parser spells them; everything else, and all after a bare ``--``, is left as it is."""
+    options = {option for action in parser._actions for option in action.option_strings}
+    out: list[str] = []
+    for index, token in enumerate(argv):
+        if token == "--":
+            return out + list(argv[index:])
+        name, equals, value = token.partition("=")
+        if token.startswith("--") and name not in options:
+            spelled = TRAINER_SPELLINGS.get(name, name.replace("_", "-"))
+            if spelled in options:
+                token = spelled + equals + value
+        out.append(token)
+    return out
 
 
 def add_deepspeed_argument(parser: Any) -> None:

@@ -83,7 +83,7 @@ def test_demo_runs_both_pipelines_summarizes_plots_and_reuses_finished_runs(tmp_
 
     second = run_demo(*args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("exists: skipping") == 6
+    assert second.stdout.count("this run has finished (same settings): skipping") == 6
 
 
 def test_demo_without_data_says_what_it_tried(tmp_path: Path) -> None:

@@ -184,7 +184,13 @@ def test_awd_lstm_run_writes_a_record_reports_and_skips_finished_runs(tmp_path: 
     assert record["valid_loss"] == pytest.approx(best["valid_loss"], rel=1e-6)
     assert f"valid ppl {record['valid_ppl']:.2f}" in result.stdout
     again = run_example("run_language_modeling.py", *common, "--optimizer", "softadam", "--output-dir", work)
-    assert "exists: skipping" in again.stdout
+    assert "this run has finished (same settings): skipping" in again.stdout
+    # A run of other settings is not taken for it, and does not overwrite it.
+    other = run_repo_script(
+        "hf_examples/run_language_modeling.py", *common, "--optimizer", "softadam", "--lr", 7, "--output-dir", work
+    )
+    assert other.returncode == 2 and "holds a run with other settings (lr:" in other.stderr, other.stderr
+    assert "Pass --results DIR" in other.stderr and json.loads((results / "softadam-seed1.json").read_text()) == record
     # A run whose record is missing (crashed after its last checkpoint) resumes.
     (results / "softadam-seed1.json").unlink()
     resumed = run_example("run_language_modeling.py", *common, "--optimizer", "softadam", "--output-dir", work)
@@ -585,3 +591,55 @@ def test_deepspeed_option_hands_softadam_to_trainer_as_optimizer_cls_and_kwargs(
         for script in ("run_language_modeling.py", "run_translation.py"):
             bad = run_repo_script(f"hf_examples/{script}", *common[:2], *extra)
             assert bad.returncode == 2 and message in bad.stderr, (script, bad.stderr[-500:])
+
+
+def test_new_runs_write_outside_the_committed_records_and_take_trainers_spellings(tmp_path: Path) -> None:
+    """A fresh clone's first run trains (its record goes to runs/results/, not beside the
+    committed evidence in results/); TrainingArguments' spellings reach the same options;
+    an option of the other model is refused rather than ignored."""
+    write_ptb_layout(tmp_path / "ptb")
+    common = ("--data-dir", tmp_path / "ptb", "--no-verify", "--preset", "tiny", "--dry-run")
+    default = run_example("run_language_modeling.py", *common, "--output-dir", tmp_path / "work")
+    assert default.returncode == 0, default.stderr
+    assert f"record -> {REPO / 'runs' / 'results' / 'tiny' / 'ptb' / 'softadam-seed1.json'}" in default.stdout
+    spelled = run_example(
+        "run_language_modeling.py",
+        *common,
+        "--learning_rate",
+        3,
+        "--num_train_epochs=2",
+        "--per_device_train_batch_size",
+        4,
+        "--output_dir",
+        tmp_path / "work",
+        "--max_grad_norm",
+        0.5,
+        "--eta_schedule",
+        "linear",
+        "--eta_end",
+        0.0,
+    )
+    assert spelled.returncode == 0, spelled.stderr
+    lines = spelled.stdout.splitlines()
+    flags = shlex.split(lines[lines.index(next(x for x in lines if x.startswith("# TrainingArguments"))) + 1])
+    from transformers import HfArgumentParser, TrainingArguments
+
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(flags)
+    assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (3.0, 2, 4)
+    assert args.max_grad_norm == 0.5 and args.output_dir == str(tmp_path / "work")
+    for model, flag, value, owner in (
+        ("awd_lstm", "--max-steps", 20, "gpt2"),
+        ("awd_lstm", "--max_steps", 20, "gpt2"),
+        ("gpt2", "--epochs", 2, "awd_lstm"),
+    ):
+        refused = run_repo_script(
+            "hf_examples/run_language_modeling.py",
+            "--data-dir",
+            tmp_path / "ptb",
+            "--no-verify",
+            "--model",
+            model,
+            flag,
+            value,
+        )
+        assert refused.returncode == 2 and f"applies to --model {owner} only" in refused.stderr, refused.stderr

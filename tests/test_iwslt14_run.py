@@ -81,7 +81,10 @@ def test_run_writes_a_complete_record_and_skips_finished_runs(data_bin: Path, tm
     assert adamw["command"][adamw["command"].index("--warmup-updates") + 1] == "5"
 
     again = run_script("run_iwslt14.py", "--optimizer", "softadam", *args)
-    assert again.returncode == 0 and "skipping" in again.stdout
+    assert again.returncode == 0 and "this run has finished (same settings): skipping" in again.stdout
+    other = run_script("run_iwslt14.py", "--optimizer", "softadam", "--lr", "0.7", *args)
+    assert other.returncode == 2 and "holds a run with other settings (--lr: '" in other.stderr, other.stderr
+    assert json.loads((tmp_path / "results" / "softadam-seed1.json").read_text()) == record
 
     report = run_script(
         "report.py", "--experiment", "iwslt14", "--records", tmp_path / "results", "--plot", tmp_path / "curves.png"
