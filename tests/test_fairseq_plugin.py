@@ -334,3 +334,33 @@ def test_readme_fairseq_train_commands_parse() -> None:
         assert cfg.optimizer._name == "softadam" and cfg.lr_scheduler._name == "polynomial_decay"
         assert cfg.lr_scheduler.total_num_update == cfg.optimization.max_update
         assert cfg.lr_scheduler.warmup_updates == 0
+
+
+def test_linear_schedule_follows_the_recipe_table_3_cites() -> None:
+    """`--lr-scheduler linear` (fairseq_plugins/linear_schedule.py): from --warmup-init-lr up to
+    --lr over --warmup-updates, then down to --min-lr at --max-update, as Liu et al.'s
+    recipe reads; --warmup-updates 1 with no --warmup-init-lr starts at --lr."""
+    from fairseq.optim.lr_scheduler import build_lr_scheduler
+
+    from fairseq_plugins.linear_schedule import LinearSchedule
+
+    def schedule(*args: str):
+        cfg = training_cfg("--lr", "0.0003", "--max-update", "100", "--lr-scheduler", "linear", *args)
+        optimizer = optim.build_optimizer(cfg.optimizer, list(model().parameters()))
+        scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer)
+        assert isinstance(scheduler, LinearSchedule)
+        first = optimizer.get_lr()  # what update 1 runs at
+        return first, [scheduler.step_update(n) for n in range(101)]
+
+    first, lrs = schedule("--warmup-updates", "10", "--warmup-init-lr", "1e-8", "--min-lr", "1e-9")
+    assert first == pytest.approx(1e-8)
+    assert lrs[5] == pytest.approx(1e-8 + 5 * (3e-4 - 1e-8) / 10)
+    assert lrs[10] == pytest.approx(3e-4) and lrs[55] == pytest.approx(1e-9 + (3e-4 - 1e-9) * 0.5)
+    assert lrs[100] == pytest.approx(1e-9)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a > b for a, b in zip(lrs[10:100], lrs[11:]))
+    first, lrs = schedule("--warmup-updates", "1", "--min-lr", "1e-9")  # the recipe's warmup-free runs
+    assert first == pytest.approx(3e-4) and lrs[1] == pytest.approx(3e-4) and lrs[100] == pytest.approx(1e-9)
+    first, lrs = schedule()  # no warmup, down to 0
+    assert first == lrs[0] == pytest.approx(3e-4) and lrs[50] == pytest.approx(1.5e-4) and lrs[100] == 0.0
+    with pytest.raises(ValueError, match="0 <= --warmup-updates < --max-update"):
+        schedule("--warmup-updates", "100")

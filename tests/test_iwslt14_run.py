@@ -464,14 +464,24 @@ def test_paper_preset_dry_run_prints_commands_fairseq_accepts(optimizer: str, tm
     assert not (tmp_path / "work").exists()  # nothing ran
     # fairseq's own parsers, called here, accept each line and read the paper's settings from it.
     train = options.parse_args_and_arch(options.get_training_parser(), commands[0][1:])
-    assert train.arch == "transformer_iwslt_de_en" and train.max_update == 50_000 and train.max_tokens == 4096
+    # Liu et al. (2019)'s recipe, which the paper follows: 70k updates of 4,000 tokens, no shared
+    # decoder embedding, the linear schedule from 1e-8 (warmup 4,000; SoftAdam: none) to 1e-9.
+    assert train.arch == "transformer_iwslt_de_en" and train.max_update == 70_000 and train.max_tokens == 4000
+    assert not train.share_decoder_input_output_embed and train.dropout == 0.3 and train.weight_decay == 0.0001
+    assert train.criterion == "label_smoothed_cross_entropy" and train.label_smoothing == 0.1
     assert train.optimizer == ("adam" if optimizer == "adamw" else optimizer)
-    assert train.warmup_updates == (0 if optimizer == "softadam" else 4000)  # SoftAdam without warmup
-    if optimizer == "softadam":
-        assert train.softadam_eta == 1.0
+    assert train.lr_scheduler == "linear" and train.min_lr == 1e-9
+    if optimizer == "softadam":  # without warmup: the first update at --lr
+        assert train.warmup_updates == 1 and train.warmup_init_lr == -1 and train.softadam_eta == 1.0
+    else:
+        assert train.warmup_updates == 4000 and train.warmup_init_lr == 1e-8
+    if optimizer == "adamw":
+        assert train.lr == [3e-4] and eval(train.adam_betas) == (0.9, 0.999)
+    assert "--keep-last-epochs 10" in result.stdout  # the last 10 epoch checkpoints are averaged
     options.parse_args_and_arch(options.get_validation_parser(), commands[1][1:])
     generate = options.parse_args_and_arch(options.get_generation_parser(), commands[2][1:])
-    assert generate.beam == 5 and generate.required_batch_size_multiple == 1
+    assert generate.beam == 5 and generate.required_batch_size_multiple == 1 and "--remove-bpe" in commands[2]
+    assert generate.batch_size == 128
 
 
 def test_fairseq_command_check_rejects_what_fairseq_rejects() -> None:
