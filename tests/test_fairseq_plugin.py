@@ -331,9 +331,14 @@ def test_readme_fairseq_train_commands_parse() -> None:
         cfg = convert_namespace_to_omegaconf(
             options.parse_args_and_arch(options.get_training_parser(), input_args=args)
         )
-        assert cfg.optimizer._name == "softadam" and cfg.lr_scheduler._name == "polynomial_decay"
-        assert cfg.lr_scheduler.total_num_update == cfg.optimization.max_update
-        assert cfg.lr_scheduler.warmup_updates == 0
+        assert cfg.optimizer._name == "softadam"
+        if cfg.lr_scheduler._name == "linear":  # the translation command: the recipe's schedule, no warmup
+            assert cfg.lr_scheduler.warmup_updates == 1 and cfg.lr_scheduler.warmup_init_lr < 0
+            assert cfg.optimization.max_update == 70_000 and cfg.dataset.max_tokens == 4000
+        else:  # the language model: fairseq's polynomial_decay, no warmup
+            assert cfg.lr_scheduler._name == "polynomial_decay" and cfg.lr_scheduler.warmup_updates == 0
+            assert cfg.lr_scheduler.total_num_update == cfg.optimization.max_update
+    assert sorted(args[args.index("--lr-scheduler") + 1] for args in commands) == ["linear", "polynomial_decay"]
 
 
 def test_linear_schedule_follows_the_recipe_table_3_cites() -> None:
