@@ -63,20 +63,25 @@ def fresh_copy(params: list[torch.Tensor]) -> list[torch.Tensor]:
 # --- state_dict forms ---------------------------------------------------------------
 
 
+def interrupted_run(execution: str, steps: int, saved_after: int) -> tuple:
+    """An uninterrupted run of `steps` steps, and the same run's parameters and state_dict
+    after `saved_after` of them: (gradients, straight parameters, parameters, state_dict)."""
+    params = make_params()
+    grads = gradients(params, steps)
+    straight = fresh_copy(params)
+    run(SoftAdam(straight, **HYPER, **EXECUTIONS[execution]), straight, grads)
+    first = fresh_copy(params)
+    opt = SoftAdam(first, **HYPER, **EXECUTIONS[execution])
+    run(opt, first, grads[:saved_after])
+    return grads, straight, first, opt.state_dict()
+
+
 @ALL
 @pytest.mark.parametrize("number", [int, float], ids=["int-step", "float-step"])
 def test_a_python_number_step_in_the_state_dict_resumes_exactly(execution: str, number: type) -> None:
     """Older checkpoints, and other tools, store ``step`` as a Python number: loading it
     continues exactly as the uninterrupted run does, and ``step`` keeps advancing."""
-    params = make_params()
-    grads = gradients(params, 12)
-    straight = fresh_copy(params)
-    run(SoftAdam(straight, **HYPER, **EXECUTIONS[execution]), straight, grads)
-
-    first = fresh_copy(params)
-    opt = SoftAdam(first, **HYPER, **EXECUTIONS[execution])
-    run(opt, first, grads[:5])
-    saved = opt.state_dict()
+    grads, straight, first, saved = interrupted_run(execution, steps=12, saved_after=5)
     for state in saved["state"].values():
         state["step"] = number(state["step"].item())
     resumed = fresh_copy(first)
@@ -93,15 +98,7 @@ def test_state_dicts_of_older_versions_load_and_resume(execution: str) -> None:
     """Groups saved before ``nonfinite``, ``fused`` and ``foreach`` existed, and state saved
     without the fused execution's mean of v: they load with the defaults and resume (the
     mean is rebuilt from v, which agrees to rounding)."""
-    params = make_params()
-    grads = gradients(params, 10)
-    straight = fresh_copy(params)
-    run(SoftAdam(straight, **HYPER, **EXECUTIONS[execution]), straight, grads)
-
-    first = fresh_copy(params)
-    opt = SoftAdam(first, **HYPER, **EXECUTIONS[execution])
-    run(opt, first, grads[:4])
-    saved = opt.state_dict()
+    grads, straight, first, saved = interrupted_run(execution, steps=10, saved_after=4)
     for group in saved["param_groups"]:
         for key in ("nonfinite", "fused", "foreach", "maximize", "differentiable"):
             group.pop(key, None)
