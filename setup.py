@@ -69,7 +69,9 @@ setup(
             "tqdm",
         ],
         "experiments": ["matplotlib", "numpy"],
-        "test": ["pytest", "hypothesis"],
+        # triton: its interpreter runs the fused GPU kernels on CPU tensors in the suite
+        # (CUDA builds of torch bring their own triton).
+        "test": ["pytest", "hypothesis", "triton"],
         # The documentation site (mkdocs build), the packaging checks and the linter.
         "dev": ["mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff", "build", "twine"],
     },

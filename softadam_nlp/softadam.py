@@ -7,11 +7,12 @@ math in the package: the fairseq and transformers adapters wrap `SoftAdam`.
 Layout follows `torch/optim/adam.py`: the `SoftAdam` class gathers state
 per parameter group and calls the functional `softadam`, which dispatches to a
 per-tensor execution (`_single_tensor_softadam`), a multi-tensor
-`torch._foreach_*` execution (`_multi_tensor_softadam`) or a fused CPU kernel
-(`_fused_softadam`, C++ in `csrc/`). All three use the step coefficients from
-`_step_coefficients`, so the scalar part of the algorithm is written once; the
-per-tensor and foreach executions are the readable reference that the fused one is
-tested against.
+`torch._foreach_*` execution (`_multi_tensor_softadam`), a fused CPU kernel
+(`_fused_softadam`, C++ in `csrc/`) or fused GPU kernels (Triton, `_triton.py`).
+All of them use the step coefficients of `_step_coefficients` (the GPU kernels
+compute the same float64 expressions on the device), so the scalar part of the
+algorithm is written once; the per-tensor and foreach executions are the readable
+reference that the fused ones are tested against.
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ _LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 def _state_dtype(param: Tensor) -> torch.dtype:
     """The dtype of the moment buffers (and of the update arithmetic) for `param`."""
     return torch.float32 if param.dtype in _LOW_PRECISION_DTYPES else param.dtype
+
+
+# The dtypes the fused GPU kernels step (softadam_nlp/_triton.py, imported on first use:
+# importing triton takes a while, and CPU-only runs never need it).
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The suite sets this (with TRITON_INTERPRET=1) to run the GPU kernels on CPU tensors.
+_TRITON_ON_CPU = False
+
+
+def _triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    try:
+        from softadam_nlp._triton import triton_unavailable_reason
+    except ImportError as error:  # pragma: no cover
+        return f"cannot be imported ({error})"
+    return triton_unavailable_reason(device)
 
 
 # State tensors whose dtype is not the parameter's, and the dtype each is kept in.
@@ -105,19 +121,23 @@ class SoftAdam(Optimizer):
         maximize: maximise the objective instead of minimising it (default: False).
         foreach: force the multi-tensor (True) or per-tensor (False) execution.
         fused: use (True) or never use (False) a fused execution. `None` (the
-            default) picks the fused CPU kernel when every parameter of a group is a
-            contiguous CPU tensor and the kernel is available (it is compiled once per
-            machine on first use and cached; `make setup` builds it ahead), and
-            otherwise picks as `torch.optim` does: multi-tensor on devices with
-            foreach kernels (CUDA), per-tensor elsewhere. On CUDA, `fused=True`
-            runs the step through `torch.compile` (Triton kernels, compiled on the
-            first step and cached by torch across runs).
+            default) picks one where it can: the fused CPU kernel when every parameter
+            of a group is a contiguous CPU tensor and the kernel is available (it is
+            compiled once per machine on first use and cached; `make setup` builds it
+            ahead); the fused GPU kernels (Triton, compiled on the first step and
+            cached by Triton across runs) when every parameter of a group is a float32,
+            bfloat16 or float16 CUDA tensor. Otherwise it picks as `torch.optim`
+            does: multi-tensor on devices with foreach kernels, per-tensor elsewhere.
+            With `fused=True` a group that neither fused execution can step is an error.
         nonfinite: what a step does when a gradient holds NaN or inf (or overflows when
             squared): `"raise"` (default) a ValueError naming the parameter (pass
             `named_parameters()` for names), or `"skip"` the step, counted in
             `skipped_steps`. Either way no parameter or state changes, in any group:
             every gradient is checked before anything is written. Loss scalers
-            (`torch.amp.GradScaler`) skip such steps before calling `step`.
+            (`torch.amp.GradScaler`) skip such steps before calling `step`. On the
+            fused GPU execution `"skip"` decides on the device (a flag gates the
+            kernels, as GradScaler's `found_inf` does), so a step never waits for the
+            GPU; `"raise"` reads the decision back, once per step.
 
     A param group's tensors must be on one device (give each device a group of its own).
     Meta tensors step as in torch's optimizers: their state is made, nothing is read.
@@ -134,13 +154,15 @@ class SoftAdam(Optimizer):
     cannot be mapped back, such as DeepSpeed ZeRO-3 or another wrapper's flat copies,
     is refused at the first step with a ValueError naming it.
 
-    The fused execution (and every execution on sharded parameters) computes
+    The fused executions (and every execution on sharded parameters) compute
     $\bar v_t$ without a pass over $v_t$, from $\bar v_t =
     \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t}) \operatorname{mean}(g_t^2)$,
     keeping $\bar v$ in float64 (state `exp_avg_sq_mean`); it agrees with
     $\operatorname{mean}(v_t)$ to float rounding. On whole tensors the state is
     dropped whenever another execution updates $v$, and rebuilt from $v$
-    when the fused execution next needs it.
+    when a fused execution next needs it. The fused GPU execution keeps each step
+    counter on the parameter's device (the kernels read it there); the others keep it
+    on the CPU, and a counter moves when the execution changes.
     """
 
     def __init__(
@@ -179,7 +201,8 @@ class SoftAdam(Optimizer):
         self._layouts: dict[int, tuple[list[Tensor], list[TensorLayout], dict[tuple[int, ...], GroupLayout]]] = {}
         self._group_index: dict[int, int] = {}  # id(group dict) -> its position when added
         super().__init__(params, defaults)
-        self.skipped_steps = 0  # steps refused by nonfinite="skip"
+        self._skipped_on_host = 0  # steps refused by nonfinite="skip" decided on the host
+        self._skipped_on_device: Optional[Tensor] = None  # ... and on the device (fused GPU)
         if fused and foreach is not None:
             raise ValueError(f"fused=True cannot be combined with foreach={foreach}: pick one execution")
         on_cpu = any(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
@@ -219,7 +242,9 @@ class SoftAdam(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("nonfinite", "raise")
             group.setdefault("differentiable", False)
-        self.__dict__.setdefault("skipped_steps", 0)
+        # Saved as one number; an instance attribute of that name would hide the property.
+        self._skipped_on_host = int(self.__dict__.pop("skipped_steps", self.__dict__.get("_skipped_on_host", 0)))
+        self.__dict__.setdefault("_skipped_on_device", None)
         self.__dict__.setdefault("_built_with", [list(group["params"]) for group in self.param_groups])
         self.__dict__.setdefault("_layouts", {})
         # Also called by load_state_dict, which makes new group dicts.
@@ -238,6 +263,17 @@ class SoftAdam(Optimizer):
         # torch.optim pickles (and deep-copies) defaults, state and param_groups only;
         # the count of skipped steps is part of the optimizer's public record too.
         return {**super().__getstate__(), "skipped_steps": self.skipped_steps}
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps refused by `nonfinite="skip"` (reading it waits for the GPU where the
+        fused GPU execution decided on the device)."""
+        on_device = self._skipped_on_device
+        return self._skipped_on_host + (int(on_device.item()) if on_device is not None else 0)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_on_host, self._skipped_on_device = int(value), None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, keeping float32 moments for low-precision parameters.
@@ -259,26 +295,42 @@ class SoftAdam(Optimizer):
             for key, value in saved_moments.get(param_id, {}).items():
                 self.state[param][key] = value.to(device=param.device, dtype=_STATE_DTYPE_KEYS[key](param), copy=True)
 
-    def _use_fused(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
-        """Whether this step of `group` runs a fused execution (see `fused` in the class doc).
-        `params` and `grads` are the local tensors (or pieces) the execution would update."""
+    def _fused_execution(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> Optional[str]:
+        """The fused execution of this step of `group`: `"cpu"` (the C++ kernel),
+        `"gpu"` (the Triton kernels) or None for the per-tensor or foreach execution (see
+        `fused` in the class doc). `params` and `grads` are the local tensors (or pieces)
+        the execution would update."""
         # An explicit foreach=True/False asks for that execution; fused needs None there.
         if group["fused"] is False or group["foreach"] is not None or not params:
-            return False
-        if group["fused"] and all(p.device.type == "cuda" for p in params) and not torch.compiler.is_compiling():
-            return True  # the compiled CUDA execution, on request only
+            return None
+        compiling = torch.compiler.is_compiling()
+        device = params[0].device
+        if device.type == "cuda" or (_TRITON_ON_CPU and device.type == "cpu"):
+            reason = None if not compiling else "cannot run inside torch.compile"
+            reason = reason or _triton_unavailable_reason(device)
+            if reason is None and not all(
+                type(t) in _PLAIN_TYPES and t.dtype in _TRITON_DTYPES and t.device == device for t in params
+            ):
+                reason = "steps float32, bfloat16 and float16 parameters (float64 keeps to the foreach execution)"
+            if reason is None and not all(g.dtype == p.dtype for p, g in zip(params, grads)):
+                reason = "needs gradients in their parameters' dtype"
+            if reason is None:
+                return "gpu"
+            if group["fused"]:
+                raise RuntimeError(f"fused=True, but SoftAdam's fused GPU execution {reason}; use fused=None")
+            return None
         # The kernel reads raw memory: plain contiguous CPU tensors, which the local pieces
         # of sharded and flattened parameters are (layout.py).
-        supported = not torch.compiler.is_compiling() and all(
+        supported = not compiling and all(
             _kernel_can_update(p) and _kernel_can_update(g) for p, g in zip(params, grads)
         )
         if group["fused"] and not supported:
             raise RuntimeError(
                 "fused=True needs contiguous CPU parameters and gradients (plain tensors, or DTensors "
-                "sharded or replicated over their mesh), or plain CUDA parameters (all of a group on one "
-                "kind of device), outside torch.compile; use fused=None to fall back to the other executions"
+                "sharded or replicated over their mesh), or CUDA parameters (all of a group on one "
+                "device), outside torch.compile; use fused=None to fall back to the other executions"
             )
-        return supported and fused_cpu_kernel() is not None
+        return "cpu" if supported and fused_cpu_kernel() is not None else None
 
     def _plan(self, index: int, group: dict[str, Any]) -> _StepPlan:
         """The tensors of `group` that this step updates, with their layout (layout.py)."""
@@ -321,17 +373,20 @@ class SoftAdam(Optimizer):
         stepped_params = [params[i] for i in stepped]
         return _StepPlan(stepped_params, [p.grad for p in stepped_params], layout)
 
-    def _state_of(self, plan: _StepPlan) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Per stepped tensor: exp_avg, exp_avg_sq and the step counter, created on first use."""
+    def _state_of(self, plan: _StepPlan, step_device: torch.device) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per stepped tensor: exp_avg, exp_avg_sq and the step counter, created on first
+        use, the counter on `step_device` (where the execution reads it)."""
         exp_avgs, exp_avg_sqs, state_steps = [], [], []
         for p in plan.params:
             state = self.state[p]
             if len(state) == 0:
-                # The step counter lives on the CPU, like torch's non-capturable Adam:
-                # it only feeds scalar coefficients.
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                # The step counter lives on the CPU, like torch's non-capturable Adam, where
+                # it only feeds scalar coefficients; the fused GPU kernels read it on the device.
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device=step_device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+            elif state["step"].device != step_device:
+                state["step"] = state["step"].to(step_device)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
@@ -403,16 +458,34 @@ class SoftAdam(Optimizer):
             self._plan(self._group_index.get(id(group), position), group)
             for position, group in enumerate(self.param_groups)
         ]
-        grad_sq_sums = [plan.layout.whole_sums(_sums(plan.layout.views(plan.grads), square=True)) for plan in plans]
-        if not self._gradients_finite(plans, grad_sq_sums):
-            self.skipped_steps += 1
+        views = [(plan.layout.views(plan.params), plan.layout.views(plan.grads)) for plan in plans]
+        executions = [
+            self._fused_execution(group, params, grads) for group, (params, grads) in zip(self.param_groups, views)
+        ]
+        grad_sq_sums = [plan.layout.whole_sums(_sums(grads, square=True)) for plan, (_, grads) in zip(plans, views)]
+        found_inf = None
+        if (
+            executions
+            and all(e == "gpu" for e in executions)
+            and all(g["nonfinite"] == "skip" for g in self.param_groups)
+        ):
+            # Decided on the device: a flag gates the kernels, and nothing waits for the GPU.
+            found_inf = _nonfinite_flag(grad_sq_sums)
+            if found_inf is not None:
+                if self._skipped_on_device is None:
+                    self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=found_inf.device)
+                self._skipped_on_device += (found_inf != 0).long()
+        if found_inf is None and not self._gradients_finite(plans, grad_sq_sums):
+            self._skipped_on_host += 1
             return loss
 
-        for group, plan, (group_grad_sq_sums, _) in zip(self.param_groups, plans, grad_sq_sums):
+        for group, plan, (params, grads), execution, (group_grad_sq_sums, _) in zip(
+            self.param_groups, plans, views, executions, grad_sq_sums
+        ):
             layout = plan.layout
-            exp_avgs, exp_avg_sqs, state_steps = self._state_of(plan)
-            params, grads = layout.views(plan.params), layout.views(plan.grads)
-            fused = self._use_fused(group, params, grads)
+            step_device = params[0].device if execution == "gpu" else torch.device("cpu")
+            exp_avgs, exp_avg_sqs, state_steps = self._state_of(plan, step_device)
+            fused = execution is not None
             # Where a mean of v needs ranks to add up, every execution takes it from its
             # recurrence, with the step's one all-reduce of the gradients' sums (above).
             exp_avg_sq_means = self._exp_avg_sq_means(plan, exp_avg_sqs, fused or not layout.exact_local)
@@ -426,6 +499,7 @@ class SoftAdam(Optimizer):
                 exp_avg_sq_means=exp_avg_sq_means,
                 grad_sq_sums=group_grad_sq_sums,
                 numels=layout.whole_numels,
+                found_inf=found_inf if execution == "gpu" else None,
                 foreach=False if fused else group["foreach"],
                 fused=fused,
                 lr=group["lr"],
@@ -467,6 +541,16 @@ class SoftAdam(Optimizer):
             "changed. With a loss scaler or overflow handling of your own, pass nonfinite='skip' to "
             "skip such steps instead."
         )
+
+
+def _nonfinite_flag(grad_sq_sums: list[tuple[Tensor, list[Tensor]]]) -> Optional[Tensor]:
+    """A float32 0-dim device tensor, 1 where any sum of squared gradients is not finite
+    (GradScaler's `found_inf`), computed without reading it back; None where the sums
+    lie on more than one device (the host then decides)."""
+    sums = [t for whole, vectors in grad_sq_sums for t in (whole, *vectors) if t.numel()]
+    if not sums or len({t.device for t in sums}) != 1:
+        return None
+    return (~torch.isfinite(torch.cat(sums))).any().float()
 
 
 class _StepPlan(NamedTuple):
@@ -597,6 +681,7 @@ def softadam(
     exp_avg_sq_means: Optional[list[Tensor]] = None,
     grad_sq_sums: Optional[Tensor] = None,
     numels: Optional[list[int]] = None,
+    found_inf: Optional[Tensor] = None,
     foreach: Optional[bool] = None,
     fused: Optional[bool] = None,
     lr: Union[float, Tensor],
@@ -627,8 +712,11 @@ def softadam(
     per-tensor and foreach executions take $\bar v_t = \operatorname{mean}(v_t)$
     directly; `grad_sq_sums` and `numels` default to the entries' own.
 
-    `fused=True` runs the fused CPU kernel (or, for parameters on another device, the
-    `torch.compile`-d execution) and needs `exp_avg_sq_means`. `fused=None` means
+    `fused=True` runs the fused CPU kernel, or for CUDA parameters the fused GPU
+    kernels, and needs `exp_avg_sq_means`. The GPU kernels read `state_steps` on the
+    parameters' device and advance them there, and with `found_inf` (a device tensor,
+    non-zero where the step is refused, as `torch.amp.GradScaler` keeps it) they change
+    nothing, the step counters included, without a synchronisation. `fused=None` means
     False in this functional form; `SoftAdam` picks.
 
     `lr` may be a one-element tensor. In eager mode its value is read once per call (for
@@ -644,11 +732,35 @@ def softadam(
             raise ValueError("fused=True and foreach=True cannot both be set: pick one execution")
         if exp_avg_sq_means is None:
             raise ValueError("the fused execution needs exp_avg_sq_means (mean(v) per parameter, float64)")
-        func = _compiled_softadam if params and params[0].device.type != "cpu" else _fused_softadam
+        device = params[0].device if params else torch.device("cpu")
+        if device.type == "cuda" or (_TRITON_ON_CPU and device.type == "cpu"):
+            _fused_gpu_softadam(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                state_steps,
+                exp_avg_sq_means,
+                grad_sq_sums,
+                numels,
+                found_inf,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                eta=eta,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                maximize=maximize,
+            )
+            return
+        func = _fused_softadam
     else:
         if foreach is None:
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         func = _multi_tensor_softadam if foreach else _single_tensor_softadam
+    if found_inf is not None:
+        raise ValueError("found_inf is taken by the fused GPU execution only (fused=True, CUDA parameters)")
     if not params:
         return
     if torch.compiler.is_compiling():
@@ -898,13 +1010,16 @@ def _fused_softadam(
     )
 
 
-def _compiled_softadam(
+def _fused_gpu_softadam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     exp_avg_sq_means: list[Tensor],
+    grad_sq_sums: Optional[Tensor],
+    numels: Optional[list[int]],
+    found_inf: Optional[Tensor],
     *,
     lr: float,
     beta1: float,
@@ -915,59 +1030,47 @@ def _compiled_softadam(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    """The fused algorithm (mean of v by its recurrence, advanced by the caller) as one
-    `torch.compile`-d function: on CUDA, Triton kernels that each update a tensor in one
-    pass. Every per-step number enters as a device tensor, so the graph compiles once."""
-    if len(params) == 0:
+    """The fused GPU execution (`_triton.py`): the step counters and the means of v
+    advance on the device, in the kernels, so nothing is read back."""
+    if not params:
         return
-    coefficients = _fused_coefficients(state_steps, beta2, eta)
-    n = len(params)
-    rows = [*coefficients, [-lr * (1 + eta)] * n, [1 - lr * weight_decay] * n]
-    table = torch.tensor(rows, dtype=torch.float64).t().contiguous().to(params[0].device, non_blocking=True)
-    means = torch.stack(exp_avg_sq_means).to(params[0].device)
-    _compiled_step()(params, grads, exp_avgs, exp_avg_sqs, means, table, beta1, eps * eps, eta != 0, nesterov, maximize)
+    from softadam_nlp._triton import triton_step_, triton_unavailable_reason
 
+    device = params[0].device
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"fused=True, but SoftAdam's fused GPU execution {reason}")
+    for name, tensors in (("state_steps", state_steps), ("exp_avg_sq_means", exp_avg_sq_means)):
+        if any(t.device != device for t in tensors):
+            raise ValueError(f"the fused GPU execution reads {name} on the parameters' device ({device})")
+    # Grouped by parameter dtype: each dtype is one launch of each kernel.
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    sums = grad_sq_sums if grad_sq_sums is not None else _sums(grads, square=True)
+    sizes = numels or [p.numel() for p in params]
+    for indices in by_dtype.values():
+        whole = len(indices) == len(params)
 
-def _step_body(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    means: Tensor,
-    table: Tensor,
-    beta1: float,
-    eps_squared: float,
-    use_denom: bool,
-    nesterov: bool,
-    maximize: bool,
-) -> None:
-    # The arithmetic of csrc/fused_softadam_cpu.cpp, tensor by tensor (unrolled by the
-    # tracer); table rows: beta2_t, 1 - beta2_t, denom offset, eta*gamma, -lr(1+eta), 1 - lr*wd.
-    for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        beta2_t, weight, denom_offset, denom_scale, step_size, decay = table[i].to(exp_avg.dtype).unbind()
-        g = grad.to(exp_avg.dtype)
-        if maximize:
-            g = -g
-        m = exp_avg * beta1 + g * (1 - beta1)
-        v = exp_avg_sq * beta2_t + g * g * weight
-        numerator = m * beta1 + g * (1 - beta1) if nesterov else m
-        p = param.to(exp_avg.dtype) * decay
-        if use_denom:
-            floor = max(eps_squared, torch.finfo(exp_avg.dtype).tiny)
-            scale = (table[i, 3] / (means[i] + floor).sqrt()).to(exp_avg.dtype)
-            p = p + step_size * (numerator / (v.sqrt() * scale + denom_offset))
-        else:
-            p = p + step_size * numerator
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
-        param.copy_(p)
+        def pick(tensors: list, indices: list[int] = indices, whole: bool = whole) -> list:
+            return tensors if whole else [tensors[i] for i in indices]
 
-
-_COMPILED_STEP: Optional[Callable[..., None]] = None
-
-
-def _compiled_step() -> Callable[..., None]:
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        _COMPILED_STEP = torch.compile(_step_body, fullgraph=True, dynamic=False)
-    return _COMPILED_STEP
+        triton_step_(
+            pick(params),
+            pick(grads),
+            pick(exp_avgs),
+            pick(exp_avg_sqs),
+            pick(state_steps),
+            pick(exp_avg_sq_means),
+            sums if whole else sums[torch.tensor(indices, device=sums.device)],
+            pick(sizes),
+            found_inf,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            eta=eta,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )

@@ -3,7 +3,6 @@ float64 mean-of-v state, how SoftAdam picks it, and what happens without it."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -304,82 +303,6 @@ def test_step_benchmark_reports_every_execution_against_fused_adamw(tmp_path: Pa
     record = json.loads(record_path.read_text())
     assert record["workload"] == "tiny" and record["model"] == {"parameters": 64 * 32 + 32 + 10, "tensors": 3}
     assert record["ratio_to_fused_adamw"]["AdamW fused"] == 1.0 and len(record["per_round_ms"]["SoftAdam fused"]) == 2
-
-
-def compiled_run(
-    device: str, dtype: torch.dtype, steps: int, compiled: bool, nesterov: bool = True, eta: float = 1.0
-) -> list[torch.Tensor]:
-    """The compiled execution (put in the fused CPU kernel's place, so that the CPU exercises
-    it too) or the per-tensor reference, on the same gradients."""
-    module = importlib.import_module("softadam_nlp.softadam")  # the module, not the function it exports
-
-    g = torch.Generator().manual_seed(7)
-    params = [torch.randn(s, generator=g).to(device, dtype) for s in shapes()]
-    state_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-    exp_avgs = [torch.zeros_like(p, dtype=state_dtype) for p in params]
-    exp_avg_sqs = [torch.zeros_like(p, dtype=state_dtype) for p in params]
-    state_steps = [torch.tensor(0.0) for _ in params]
-    means = [torch.zeros((), dtype=torch.float64, device=device) for _ in params]
-    hyper = dict(
-        lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, eta=eta, weight_decay=0.01, nesterov=nesterov, maximize=False
-    )
-    for _ in range(steps):
-        grads = [(torch.randn(p.shape, generator=g) * 10.0 ** (i - 2)).to(device, dtype) for i, p in enumerate(params)]
-        if compiled:
-            fused, module._fused_softadam = module._fused_softadam, module._compiled_softadam
-            try:
-                softadam(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_sq_means=means, fused=True, **hyper)
-            finally:
-                module._fused_softadam = fused
-        else:
-            softadam(params, grads, exp_avgs, exp_avg_sqs, state_steps, foreach=False, **hyper)
-    return params
-
-
-def assert_same_run(ours: list[torch.Tensor], reference: list[torch.Tensor], dtype: torch.dtype) -> None:
-    for p, q in zip(ours, reference):
-        if dtype == torch.bfloat16:
-            assert ((p.float() - q.float()).abs() <= 2 * 2**-8 * q.float().abs() + 1e-6).all()
-        else:
-            assert (p - q).abs().max() <= 1e-5 * q.abs().max()
-
-
-@pytest.mark.parametrize("eta", [1.0, 0.0], ids=["eta1", "eta0"])
-def test_compiled_execution_matches_per_tensor_on_cpu(eta: float) -> None:
-    # The CUDA fused execution is this function compiled for the GPU; on the CPU inductor
-    # compiles the same graph to C++, which checks its arithmetic here.
-    assert_same_run(
-        compiled_run("cpu", torch.float32, 60, True, eta=eta),
-        compiled_run("cpu", torch.float32, 60, False, eta=eta),
-        torch.float32,
-    )
-
-
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@cuda_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_fused_matches_per_tensor_over_hundreds_of_steps(dtype: torch.dtype) -> None:
-    assert_same_run(compiled_run("cuda", dtype, 300, True), compiled_run("cuda", dtype, 300, False), dtype)
-
-
-@cuda_only
-def test_cuda_fused_through_the_optimizer_class() -> None:
-    g = torch.Generator().manual_seed(3)
-    init = [torch.randn(s, generator=g) for s in shapes()]
-    grads = [[torch.randn(s, generator=g) for s in shapes()] for _ in range(20)]
-    runs = []
-    for path in (dict(fused=True), dict(foreach=False)):
-        params = [torch.nn.Parameter(p.cuda()) for p in init]
-        opt = SoftAdam(params, lr=0.01, **path)
-        for step_grads in grads:
-            for p, grad in zip(params, step_grads):
-                p.grad = grad.cuda()
-            opt.step()
-        runs.append(params)
-        assert ("exp_avg_sq_mean" in opt.state[params[0]]) == ("fused" in path)
-    assert_same_run(runs[0], runs[1], torch.float32)
 
 
 def test_end_to_end_benchmark_compares_both_toolkits(tmp_path: Path) -> None:

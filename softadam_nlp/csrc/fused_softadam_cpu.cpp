@@ -14,9 +14,14 @@
 // which the caller (softadam.py: _advance_means) carries across steps in float64 and
 // hands over, with every step coefficient, so the scalar algorithm stays written once.
 //
-// Both calls split a large tensor into one contiguous slice per thread, in a fixed
-// order, so a step is deterministic for a given thread count; small tensors run on one
-// thread each, several at once.
+// Both calls lay the group's tensors end to end and split all their elements into one
+// contiguous range per thread, in one parallel region: a thread walks the pieces of the
+// tensors its range overlaps. A parameter list of many medium-sized tensors (a
+// transformer's) then costs one parallel region per call instead of one per tensor, and
+// every thread streams an equal share of memory. The update pass walks each range
+// backwards, starting with what its thread read last in the sums pass (still in its
+// cache). Partial sums are added in a fixed order, so a step is deterministic for a given
+// thread count; the update is elementwise, the same for any thread count.
 //
 // Arithmetic is float32 for float32/bfloat16/float16 parameters (state in float32) and
 // float64 for float64 ones, in the order of the per-tensor reference path, each
@@ -36,7 +41,7 @@
 
 namespace {
 
-constexpr int64_t kGrain = 32768;  // elements per thread at least: smaller tensors run on one thread
+constexpr int64_t kGrain = 32768;  // elements per thread at least: smaller groups run on one thread
 constexpr int64_t kBlock = 4096;   // elements per float partial sum, before it is added in float64
 constexpr int64_t kLanes = 64;     // independent partial sums in the sum-of-squares loop
 
@@ -99,89 +104,72 @@ void update_range(param_t* __restrict__ param, const param_t* __restrict__ grad,
   }
 }
 
-// The number of threads for an elementwise pass over n elements: one below kGrain each.
+// The number of threads for a pass over n elements: one per kGrain elements at most.
 int threads_for(int64_t n) {
   if (at::in_parallel_region()) return 1;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain)));
 }
 
-// Calls body(begin, end) on one contiguous slice per thread, in a parallel region when
-// the tensor is large enough to share.
+// Element offsets of tensors laid end to end: tensor k holds [offsets[k], offsets[k + 1]).
+std::vector<int64_t> element_offsets(const std::vector<at::Tensor>& tensors) {
+  std::vector<int64_t> offsets(tensors.size() + 1, 0);
+  for (size_t k = 0; k < tensors.size(); ++k) offsets[k + 1] = offsets[k] + tensors[k].numel();
+  return offsets;
+}
+
+// Calls body(k, begin, end, thread) for each piece [begin, end) of tensor k that lies in
+// the calling thread's range, in one parallel region of `threads` threads. Each range is a
+// whole number of kBlock elements of the tensors laid end to end; a thread visits its
+// pieces in tensor order, or in reverse.
 template <typename Body>
-void for_slices(int64_t n, int threads, const Body& body) {
+void for_each_range(const std::vector<int64_t>& offsets, int threads, bool reverse, const Body& body) {
+  const int64_t total = offsets.back();
+  auto run_range = [&](int64_t begin, int64_t end, int thread) {
+    if (begin >= end) return;
+    // The tensor holding element `begin`, and the first tensor starting at or after `end`
+    // (empty tensors in between yield no piece).
+    const int64_t first = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    const int64_t stop = std::lower_bound(offsets.begin(), offsets.end(), end) - offsets.begin();
+    for (int64_t i = 0; i < stop - first; ++i) {
+      const int64_t k = reverse ? stop - 1 - i : first + i;
+      const int64_t lo = std::max(begin, offsets[k]), hi = std::min(end, offsets[k + 1]);
+      if (hi > lo) body(k, lo - offsets[k], hi - offsets[k], thread);
+    }
+  };
   if (threads <= 1) {
-    body(int64_t{0}, n, 0);
+    run_range(0, total, 0);
     return;
   }
 #pragma omp parallel num_threads(threads)
   {
     const int thread = omp_get_thread_num(), team = omp_get_num_threads();
-    const int64_t per_thread = (n + team - 1) / team;
-    const int64_t begin = std::min(n, thread * per_thread), end = std::min(n, begin + per_thread);
-    body(begin, end, thread);
+    const int64_t blocks = (total + kBlock - 1) / kBlock;
+    const int64_t per_thread = (blocks + team - 1) / team * kBlock;
+    const int64_t begin = std::min(total, thread * per_thread), end = std::min(total, begin + per_thread);
+    run_range(begin, end, thread);
   }
 }
 
-template <typename param_t, typename opmath_t>
-double tensor_sum_of_squares(const param_t* grad, int64_t n, int threads) {
-  std::vector<double> slice_sums(std::max(threads, 1), 0.0);
-  for_slices(n, threads, [&](int64_t begin, int64_t end, int thread) {
-    slice_sums[thread] = sum_of_squares<param_t, opmath_t>(grad, begin, end);
-  });
-  double sum = 0.0;
-  for (double s : slice_sums) sum += s;  // a fixed order
-  return sum;
-}
-
-template <typename param_t, typename opmath_t, bool kNesterov, bool kUseDenom>
-void step_tensor(param_t* param, const param_t* grad, opmath_t* exp_avg, opmath_t* exp_avg_sq, int64_t n,
-                 const Coefficients<opmath_t> c, double denom_scale, double eps_squared, double mean) {
-  opmath_t scale = 0;
-  if (kUseDenom) {
-    // The reference's floor (softadam.py: _eps_squared): with eps = 0 an all-zero tensor
-    // keeps 1/sqrt(0 + tiny) finite, and its step 0 / d = 0.
-    eps_squared = std::max(eps_squared, static_cast<double>(std::numeric_limits<opmath_t>::min()));
-    // The denominator's scale eta*gamma/sqrt(mean(v_t) + eps^2).
-    scale = static_cast<opmath_t>(denom_scale / std::sqrt(mean + eps_squared));
-  }
-  for_slices(n, threads_for(n), [&](int64_t begin, int64_t end, int) {
-    update_range<param_t, opmath_t, kNesterov, kUseDenom>(param, grad, exp_avg, exp_avg_sq, begin, end, c, scale);
-  });
+// The denominator's scale eta*gamma/sqrt(mean(v_t) + eps^2), with the reference's floor
+// (softadam.py: _eps_squared): with eps = 0 an all-zero tensor keeps 1/sqrt(0 + tiny)
+// finite, and its step 0 / d = 0.
+template <typename opmath_t>
+opmath_t denominator_scale(double denom_scale, double eps_squared, double mean) {
+  eps_squared = std::max(eps_squared, static_cast<double>(std::numeric_limits<opmath_t>::min()));
+  return static_cast<opmath_t>(denom_scale / std::sqrt(mean + eps_squared));
 }
 
 template <typename param_t, typename opmath_t>
-void step_tensor_dispatch(bool nesterov, bool use_denom, param_t* param, const param_t* grad, opmath_t* exp_avg,
-                          opmath_t* exp_avg_sq, int64_t n, const Coefficients<opmath_t>& c, double denom_scale,
-                          double eps_squared, double mean) {
-  auto run = [&](auto kernel) { kernel(param, grad, exp_avg, exp_avg_sq, n, c, denom_scale, eps_squared, mean); };
+void update_range_dispatch(bool nesterov, bool use_denom, param_t* param, const param_t* grad, opmath_t* exp_avg,
+                           opmath_t* exp_avg_sq, int64_t begin, int64_t end, const Coefficients<opmath_t>& c,
+                           opmath_t scale) {
+  auto run = [&](auto kernel) { kernel(param, grad, exp_avg, exp_avg_sq, begin, end, c, scale); };
   if (nesterov) {
-    use_denom ? run(step_tensor<param_t, opmath_t, true, true>) : run(step_tensor<param_t, opmath_t, true, false>);
+    use_denom ? run(update_range<param_t, opmath_t, true, true>) : run(update_range<param_t, opmath_t, true, false>);
   } else {
-    use_denom ? run(step_tensor<param_t, opmath_t, false, true>) : run(step_tensor<param_t, opmath_t, false, false>);
+    use_denom ? run(update_range<param_t, opmath_t, false, true>)
+              : run(update_range<param_t, opmath_t, false, false>);
   }
-}
-
-// Runs fn(k) for every tensor k: the ones large enough to be split between threads one
-// after another (each splits itself), the small ones several at once, one per thread.
-template <typename Fn>
-void for_each_tensor(const std::vector<at::Tensor>& tensors, bool reverse, const Fn& fn) {
-  std::vector<int64_t> small;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const size_t k = reverse ? tensors.size() - 1 - i : i;
-    if (threads_for(tensors[k].numel()) > 1) {
-      fn(k);
-    } else {
-      small.push_back(static_cast<int64_t>(k));
-    }
-  }
-  const int64_t count = static_cast<int64_t>(small.size());
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), count));
-  if (threads <= 1 || at::in_parallel_region()) {
-    for (int64_t k : small) fn(static_cast<size_t>(k));
-    return;
-  }
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t i = 0; i < count; ++i) fn(static_cast<size_t>(small[i]));
 }
 
 void check_cpu_contiguous(const at::Tensor& t, const char* what) {
@@ -197,16 +185,24 @@ at::Tensor grad_sq_sums(const std::vector<at::Tensor>& grads) {
     check_cpu_contiguous(grad, "gradient");
     TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "fused_softadam_: floating-point gradients only");
   }
-  at::Tensor sums = at::zeros({static_cast<int64_t>(grads.size())}, at::kDouble);
-  double* out = sums.data_ptr<double>();
-  for_each_tensor(grads, false, [&](size_t k) {
+  const int64_t count = static_cast<int64_t>(grads.size());
+  const std::vector<int64_t> offsets = element_offsets(grads);
+  const int threads = threads_for(offsets.back());
+  // One slot per thread and tensor: each thread sums its own pieces, added up below in
+  // thread order (a fixed order for a given thread count).
+  std::vector<double> partial(static_cast<size_t>(std::max(threads, 1) * count), 0.0);
+  for_each_range(offsets, threads, false, [&](int64_t k, int64_t begin, int64_t end, int thread) {
     const at::Tensor& grad = grads[k];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "grad_sq_sums", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      out[k] = tensor_sum_of_squares<scalar_t, opmath_t>(grad.data_ptr<scalar_t>(), grad.numel(),
-                                                         threads_for(grad.numel()));
+      partial[thread * count + k] = sum_of_squares<scalar_t, opmath_t>(grad.data_ptr<scalar_t>(), begin, end);
     });
   });
+  at::Tensor sums = at::zeros({count}, at::kDouble);
+  double* out = sums.data_ptr<double>();
+  for (int thread = 0; thread < std::max(threads, 1); ++thread) {
+    for (int64_t k = 0; k < count; ++k) out[k] += partial[thread * count + k];
+  }
   return sums;
 }
 
@@ -242,7 +238,17 @@ void fused_softadam_(const std::vector<at::Tensor>& params, const std::vector<at
     TORCH_CHECK(exp_avgs[k].scalar_type() == state_dtype && exp_avg_sqs[k].scalar_type() == state_dtype,
                 "fused_softadam_: moments must be in the state dtype (float32 for low-precision parameters)");
   }
-  for_each_tensor(params, true, [&](size_t k) {
+  // Per tensor, the coefficients and the denominator's scale, made once (not per piece).
+  std::vector<double> scales(count, 0.0);
+  if (eta != 0.0) {
+    for (size_t k = 0; k < count; ++k) {
+      scales[k] = params[k].scalar_type() == at::kDouble
+                      ? denominator_scale<double>(denom_scale[k], eps_squared, exp_avg_sq_means[k])
+                      : denominator_scale<float>(denom_scale[k], eps_squared, exp_avg_sq_means[k]);
+    }
+  }
+  const std::vector<int64_t> offsets = element_offsets(params);
+  for_each_range(offsets, threads_for(offsets.back()), true, [&](int64_t k, int64_t begin, int64_t end, int) {
     const at::Tensor& param = params[k];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fused_softadam_", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
@@ -254,10 +260,10 @@ void fused_softadam_(const std::vector<at::Tensor>& params, const std::vector<at
                                      static_cast<opmath_t>(1 - lr * weight_decay),
                                      static_cast<opmath_t>(denom_offset[k]),
                                      static_cast<opmath_t>(-lr * (1 + eta))};
-      step_tensor_dispatch<scalar_t, opmath_t>(nesterov, eta != 0.0, param.data_ptr<scalar_t>(),
-                                               grads[k].data_ptr<scalar_t>(), exp_avgs[k].data_ptr<opmath_t>(),
-                                               exp_avg_sqs[k].data_ptr<opmath_t>(), param.numel(), c, denom_scale[k],
-                                               eps_squared, exp_avg_sq_means[k]);
+      update_range_dispatch<scalar_t, opmath_t>(nesterov, eta != 0.0, param.data_ptr<scalar_t>(),
+                                                grads[k].data_ptr<scalar_t>(), exp_avgs[k].data_ptr<opmath_t>(),
+                                                exp_avg_sqs[k].data_ptr<opmath_t>(), begin, end, c,
+                                                static_cast<opmath_t>(scales[k]));
     });
   });
 }
