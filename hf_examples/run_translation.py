@@ -4,15 +4,17 @@ r"""Train an encoder-decoder transformer from scratch with Seq2SeqTrainer and So
 No pretrained weights and no downloads: the tokenizer (joint BPE) is trained here with
 the `tokenizers` library on the training text, the model is a MarianMT-architecture
 transformer built from a config (defaults sized like fairseq's
-transformer_iwslt_de_en), data goes through `datasets`, and evaluation decodes with
-beam search and scores BLEU with sacrebleu.
+transformer_iwslt_de_en), and evaluation decodes with beam search and scores BLEU with
+sacrebleu.
 
     python hf_examples/run_translation.py --data-dir DIR --src-lang de --tgt-lang en \
         --optimizer softadam --lr 0.5 --max-steps 20000 --output-dir runs/hf-translation
 
 reads DIR/{train,valid}.{de,en} (one sentence per line, as the IWSLT'14 preparation
-writes them); --train-src/--train-tgt/--valid-src/--valid-tgt take any files instead.
-Metrics go to OUTPUT_DIR/metrics.json. TrainingArguments' own spellings are accepted
+writes them); --train-src/--train-tgt/--valid-src/--valid-tgt take any files instead,
+gzipped ones too (Multi30k's train.de.gz, val.de.gz, ...). Metrics go to
+OUTPUT_DIR/metrics.json; --step-times FILE also writes when each optimizer step ended
+(for timing: scripts/gpu_check.py). TrainingArguments' own spellings are accepted
 too (--learning_rate, --max_steps, --per_device_train_batch_size, --output_dir, ..., and
 every option with underscores for dashes).
 """
@@ -20,15 +22,16 @@ every option with underscores for dashes).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import sacrebleu
 import torch
-from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     DataCollatorForSeq2Seq,
@@ -37,6 +40,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
+    TrainerCallback,
 )
 
 from softadam_nlp.hf import (
@@ -53,10 +57,40 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def read_lines(path: Path, limit: int | None = None) -> list[str]:
+    """One sentence per line, from a plain or a gzipped (.gz) text file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text("utf-8")
+    lines = [line.strip() for line in text.splitlines()]
     return lines[:limit] if limit else lines
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerFast, src: list[str], tgt: list[str], max_length: int
+) -> list[dict[str, list[int]]]:
+    """One example per sentence pair (input_ids, attention_mask, labels): a plain list, which
+    Trainer takes as a dataset, so that no `datasets` install is needed (the GPU machine has none)."""
+    batch = tokenizer(src, text_target=tgt, max_length=max_length, truncation=True)
+    return [dict(zip(batch.keys(), example)) for example in zip(*batch.values())]
+
+
+class StepTimes(TrainerCallback):
+    """The wall time at the end of every optimizer step, written to `path` as JSON when
+    training ends; on CUDA after a synchronization, so that a step's kernels are counted."""
+
+    def __init__(self, path: Path, details: dict) -> None:
+        self.path, self.details, self.times = path, details, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available() and not args.use_cpu:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        start = self.times[0] if self.times else 0.0
+        record = {**self.details, "step_end_seconds": [t - start for t in self.times]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -125,6 +159,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=1)
     train.add_argument("--output-dir", type=Path, default=Path("runs/hf-translation"))
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument(
+        "--step-times",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the end time of every optimizer step (and the batch's mean token counts) to this JSON file",
+    )
     add_deepspeed_argument(train)
     args = p.parse_args(normalize_trainer_spellings(sys.argv[1:] if argv is None else argv, p))
     if args.data_dir:
@@ -166,15 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(args.output_dir / "tokenizer")
 
-    def encode(batch: dict) -> dict:
-        return tokenizer(batch["src"], text_target=batch["tgt"], max_length=args.max_length, truncation=True)
-
-    train_set = Dataset.from_dict({"src": train_src, "tgt": train_tgt}).map(
-        encode, batched=True, remove_columns=["src", "tgt"]
-    )
-    valid_set = Dataset.from_dict({"src": valid_src, "tgt": valid_tgt}).map(
-        encode, batched=True, remove_columns=["src", "tgt"]
-    )
+    train_set = encode_pairs(tokenizer, train_src, train_tgt, args.max_length)
+    valid_set = encode_pairs(tokenizer, valid_src, valid_tgt, args.max_length)
 
     model = build_model(tokenizer, args)
     training_args = Seq2SeqTrainingArguments(
@@ -211,6 +245,17 @@ def main(argv: list[str] | None = None) -> int:
         refs = tokenizer.batch_decode(labels, skip_special_tokens=True)
         return {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score}
 
+    callbacks = []
+    if args.step_times:
+        details = {
+            "batch_size": args.batch_size,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_pairs": len(train_set),
+            "mean_source_tokens": sum(len(e["input_ids"]) for e in train_set) / len(train_set),
+            "mean_target_tokens": sum(len(e["labels"]) for e in train_set) / len(train_set),
+            "device": "cpu" if training_args.use_cpu else "cuda",
+        }
+        callbacks.append(StepTimes(args.step_times, details))
     trainer = Seq2SeqTrainer(
         model=model,
         args=training_args,
@@ -219,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
+        callbacks=callbacks,
         **optimizer_arguments,
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)

@@ -13,11 +13,20 @@ out, and the report gives per-run medians, their median over runs and the ratio.
 
     python scripts/bench_end_to_end.py --data-bin data/multi30k.tokenized.de-en/data-bin \\
         --json results/bench/end_to_end_cpu.json
+
+On a GPU (Trainer only: the GPU machine has no fairseq, and --toolkit both leaves fairseq
+out, saying so in the record, where it is not installed), GPT-2 small's shape (12 layers,
+768-d, 12 heads, vocabulary 50257) on 1024-token sequences in bf16, with SoftAdam's
+foreach and fused executions as runs of their own beside its default:
+
+    python scripts/bench_end_to_end.py --toolkit trainer --device cuda --bf16 --trainer-model gpt2-124m \\
+        --seq-len 1024 --softadam-executions foreach fused --json end_to_end_cuda.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import subprocess
 import sys
@@ -93,7 +102,38 @@ def fairseq_words_per_second(optimizer: str, data_bin: Path, updates: int, inter
     return {"median": statistics.median(rates), "intervals": rates}
 
 
-def trainer_samples_per_second(optimizer: str, steps: int, skip: int, batch_size: int) -> dict:
+# GPT-2-shaped models for the Trainer benchmark, built from a config (random weights).
+# bos/eos sit inside the small vocabulary (GPT-2's own 50256 is out of it and warns).
+TRAINER_MODELS = {
+    "small": {
+        "vocab_size": 10_000,
+        "n_embd": 256,
+        "n_layer": 4,
+        "n_head": 4,
+        "bos_token_id": 9_999,
+        "eos_token_id": 9_999,
+    },
+    "gpt2-124m": {"vocab_size": 50_257, "n_embd": 768, "n_layer": 12, "n_head": 12},  # GPT-2 small
+}
+# The factory's keyword arguments for each SoftAdam run: its default, or one execution forced.
+SOFTADAM_KWARGS = {
+    "softadam": {},
+    "softadam_foreach": {"foreach": True},
+    "softadam_per-tensor": {"foreach": False},
+    "softadam_fused": {"fused": True},
+}
+
+
+def trainer_samples_per_second(
+    optimizer: str,
+    steps: int,
+    skip: int,
+    batch_size: int,
+    device: str = "cpu",
+    bf16: bool = False,
+    model_name: str = "small",
+    seq_len: int = 128,
+) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
@@ -104,15 +144,16 @@ def trainer_samples_per_second(optimizer: str, steps: int, skip: int, batch_size
             self.times: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":  # count the step's queued kernels, not only their launches
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter())
 
     torch.manual_seed(0)
-    # bos/eos inside the small vocabulary (GPT-2's own 50256 is out of it and warns).
-    config = GPT2Config(
-        vocab_size=10_000, n_positions=128, n_embd=256, n_layer=4, n_head=4, bos_token_id=9_999, eos_token_id=9_999
-    )
+    config = GPT2Config(n_positions=seq_len, **TRAINER_MODELS[model_name])
     model = GPT2LMHeadModel(config)
-    tokens = torch.randint(0, config.vocab_size, (steps * batch_size, 128), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, config.vocab_size, (steps * batch_size, seq_len), generator=torch.Generator().manual_seed(0)
+    )
     dataset = [{"input_ids": t, "labels": t} for t in tokens]
     with tempfile.TemporaryDirectory() as work:
         args = TrainingArguments(
@@ -125,19 +166,25 @@ def trainer_samples_per_second(optimizer: str, steps: int, skip: int, batch_size
             logging_strategy="no",
             save_strategy="no",
             report_to=[],
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=device == "cpu",
+            bf16=bf16,
             dataloader_num_workers=0,
             seed=0,
             **({"optim": "adamw_torch_fused"} if optimizer == "adamw_torch_fused" else {}),
         )
         timer = StepTimes()
-        optimizers = create_optimizer_and_scheduler(model, args, steps) if optimizer == "softadam" else (None, None)
+        optimizers = (
+            create_optimizer_and_scheduler(model, args, steps, **SOFTADAM_KWARGS[optimizer])
+            if optimizer in SOFTADAM_KWARGS
+            else (None, None)
+        )
         Trainer(model=model, args=args, train_dataset=dataset, optimizers=optimizers, callbacks=[timer]).train()
     seconds = timer.times[-1] - timer.times[skip - 1]  # steps skip+1 .. steps
     return {"median": (steps - skip) * batch_size / seconds, "steps_timed": steps - skip}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked; nothing is run (scripts/gpu_check.py's dry run calls this)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toolkit", choices=["fairseq", "trainer", "both"], default="both")
     p.add_argument(
@@ -153,17 +200,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", type=int, default=5, help="Trainer steps left out of the timing (default: 5)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="runs per optimizer (default: 2)")
+    trainer = p.add_argument_group("Trainer")
+    trainer.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where Trainer trains (default: cuda when there is one, else cpu)",
+    )
+    trainer.add_argument("--bf16", action="store_true", help="Trainer's bf16 mixed precision")
+    trainer.add_argument(
+        "--trainer-model",
+        choices=sorted(TRAINER_MODELS),
+        default="small",
+        help="small (default): 4 layers, 256-d, vocabulary 10,000; gpt2-124m: GPT-2 small's shape",
+    )
+    trainer.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence (default: 128)")
+    trainer.add_argument(
+        "--softadam-executions",
+        nargs="+",
+        choices=["foreach", "per-tensor", "fused"],
+        default=[],
+        help="also run the factory with each of these executions forced (runs named softadam_<execution>)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.updates <= 2 * args.interval:
         p.error("--updates must exceed 2 x --interval (the first logged interval is left out)")
     if not 0 < args.skip < args.steps:
         p.error("--skip must be between 1 and --steps - 1")
-    if args.toolkit != "trainer" and not (args.data_bin / "dict.de.txt").exists():
+    if args.seq_len < 2:
+        p.error("--seq-len must be >= 2")
+    args.fairseq_skipped = None
+    if args.toolkit != "trainer" and importlib.util.find_spec("fairseq") is None:
+        if args.toolkit == "fairseq":
+            p.error("--toolkit fairseq: fairseq is not installed on this machine")
+        args.fairseq_skipped = "fairseq is not installed on this machine"
+    if args.toolkit != "trainer" and not args.fairseq_skipped and not (args.data_bin / "dict.de.txt").exists():
         p.error(f"no fairseq data-bin at {args.data_bin}: run scripts/prepare_iwslt14.py first, or give --data-bin")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    if args.fairseq_skipped:
+        print(f"fairseq left out: {args.fairseq_skipped}", file=sys.stderr, flush=True)
 
     benches = []
-    if args.toolkit in ("fairseq", "both"):
+    if args.toolkit in ("fairseq", "both") and not args.fairseq_skipped:
         benches.append(
             (
                 "fairseq",
@@ -177,8 +267,17 @@ def main(argv: list[str] | None = None) -> int:
             (
                 "trainer",
                 "samples/s",
-                ["softadam", "adamw_torch_fused"],
-                lambda name: trainer_samples_per_second(name, args.steps, args.skip, args.batch_size),
+                ["softadam", "adamw_torch_fused", *(f"softadam_{name}" for name in args.softadam_executions)],
+                lambda name: trainer_samples_per_second(
+                    name,
+                    args.steps,
+                    args.skip,
+                    args.batch_size,
+                    args.device,
+                    args.bf16,
+                    args.trainer_model,
+                    args.seq_len,
+                ),
             )
         )
     report = {}
@@ -195,9 +294,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {medians[name]:.1f}  (runs: {per_run})")
         print(f"  {names[0]} / {names[1]} = {ratio:.3f}")
         report[toolkit] = {"unit": unit, "median": medians, "ratio": ratio, "runs": runs}
+        for extra in names[2:]:  # the forced executions, against the same baseline
+            report[toolkit][f"ratio_{extra}"] = medians[extra] / medians[names[1]]
+            print(f"  {extra} / {names[1]} = {report[toolkit][f'ratio_{extra}']:.3f}")
+    if args.fairseq_skipped:
+        report["fairseq"] = {"skipped": args.fairseq_skipped}
 
     if args.json:
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+        settings = {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("json", "fairseq_skipped")
+        }
         write_bench_record(args.json, "bench_end_to_end.py", argv, {"settings": settings, **report})
     return 0
 

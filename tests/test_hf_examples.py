@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -57,11 +58,21 @@ def write_ptb_layout(directory: Path) -> None:
 
 def test_run_translation_reports_bleu(tmp_path: Path) -> None:
     write_parallel(tmp_path / "data")
+    for lang in ("de", "en"):  # gzipped files are read too (Multi30k comes so)
+        plain = tmp_path / "data" / f"valid.{lang}"
+        (tmp_path / f"valid.{lang}.gz").write_bytes(gzip.compress(plain.read_bytes()))
+        plain.unlink()
     out = tmp_path / "out"
     result = run_example(
         "run_translation.py",
         "--data-dir",
         tmp_path / "data",
+        "--valid-src",
+        tmp_path / "valid.de.gz",
+        "--valid-tgt",
+        tmp_path / "valid.en.gz",
+        "--step-times",
+        tmp_path / "steps.json",
         "--vocab-size",
         200,
         "--d-model",
@@ -95,6 +106,9 @@ def test_run_translation_reports_bleu(tmp_path: Path) -> None:
     assert metrics["eval_bleu"] > 30, metrics
     assert f"valid BLEU {metrics['eval_bleu']:.2f}" in result.stdout
     assert (out / "tokenizer" / "tokenizer.json").exists()
+    steps = json.loads((tmp_path / "steps.json").read_text())  # scripts/gpu_check.py times steps from these
+    assert len(steps["step_end_seconds"]) == 500 and steps["batch_size"] == 32 and steps["train_pairs"] == 400
+    assert steps["step_end_seconds"] == sorted(steps["step_end_seconds"]) and 3 < steps["mean_target_tokens"] < 10
 
 
 def test_run_language_modeling_reports_perplexity(tmp_path: Path) -> None:
