@@ -7,8 +7,13 @@
 2. Table 3's pipeline (fairseq): scripts/prepare_iwslt14.py, then scripts/run_iwslt14.py
    --preset demo, a small transformer for 200 updates, with SoftAdam, SGD and AdamW;
    validation perplexity and test BLEU.
-3. Table 2- and Table 3-shaped summaries (paper figures beside; a demo this short says
-   nothing about the paper's claims) and the training-loss curves, written to --out.
+3. Table 2- and Table 3-shaped summaries (paper figures beside, and the unigram model's
+   perplexity: where a model sits before it has learned more than word frequencies), a
+   reading of them in a few sentences (a demo this short says nothing about the paper's
+   claims), and both experiments' training-loss curves in one figure, written to --out.
+
+The demo's learning rates and budgets come from a sweep of their own (docs/RESULTS.md,
+"make demo"), chosen so that every optimizer leaves the unigram plateau.
 
 Data, in this order: local copies in --data-dir, $SOFTADAM_DATA_DIR or ../shared/data
 (PTB's ptb.*.txt; IWSLT'14's de-en.tgz, else Multi30k De-En as the translation
@@ -20,6 +25,7 @@ finished, and a second `make demo` reuses finished runs (--fresh redoes them).
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -27,7 +33,13 @@ from pathlib import Path
 
 from softadam_nlp.data.ptb import find_ptb_dir
 from softadam_nlp.data.translation import find_translation_source
-from softadam_nlp.experiments.reporting import load_records, markdown_table, plot_train_curves
+from softadam_nlp.experiments.reporting import (
+    demo_reading,
+    load_records,
+    markdown_table,
+    plot_demo_curves,
+    unigram_perplexity,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIMIZERS = {"ptb": ("softadam", "sgd", "adam"), "iwslt14": ("softadam", "sgd", "adamw")}
@@ -46,15 +58,23 @@ def run_step(title: str, command: list[str]) -> float:
     return time.time() - started
 
 
-def ptb_source(data_dir: Path | None) -> list[str]:
-    """Arguments that point run_language_modeling.py at PTB: a local copy, else the hub."""
+def ptb_source(data_dir: Path | None) -> tuple[list[str], Path | None]:
+    """Arguments that point run_language_modeling.py at PTB (a local copy, else the hub),
+    and the local folder if there is one."""
     try:
         folder = find_ptb_dir(data_dir)
     except FileNotFoundError:
         print("PTB: no local copy found; loading the Hugging Face hub's copy (md5-checked)", flush=True)
-        return ["--hub-dataset"]
+        return ["--hub-dataset"], None
     print(f"PTB: local copy in {folder}", flush=True)
-    return ["--data-dir", str(folder)]
+    return ["--data-dir", str(folder)], folder
+
+
+def unigram_reference(train: Path, valid: Path, eos: str) -> float | None:
+    """The unigram model's validation perplexity, where the text files are at hand."""
+    if not (train.is_file() and valid.is_file()):
+        return None
+    return unigram_perplexity(train.read_text().splitlines(), valid.read_text().splitlines(), eos)
 
 
 def translation_data(args: argparse.Namespace, timings: dict[str, float]) -> Path:
@@ -76,17 +96,22 @@ def translation_data(args: argparse.Namespace, timings: dict[str, float]) -> Pat
     return REPO / "data" / f"{corpus}.tokenized.de-en" / "data-bin"
 
 
-LOSS_UNITS = {"ptb": "training loss (nats/word, with AR/TAR)", "iwslt14": "training loss (bits/token, label-smoothed)"}
+# Per experiment: the figure panel's title, the loss as the toolkit logs it, and the
+# logarithm that turns a perplexity into that loss's unit.
+PANELS = {
+    "ptb": ("Table 2 pipeline: PTB (Trainer, AWD-LSTM)", "training loss (nats/word, with AR/TAR)", math.log),
+    "iwslt14": ("Table 3 pipeline: De-En (fairseq)", "training loss (bits/token, label-smoothed)", math.log2),
+}
 
 
-def summarize(experiment: str, records_dir: Path, out: Path) -> str:
-    """The Table-shaped summary and the training curves (one validation point per run is
-    all a demo this short has, so the curve is the logged training loss)."""
-    records = load_records(records_dir)
-    plot = plot_train_curves(
-        records, out / f"{experiment}_train_loss.png", f"make demo: {experiment}", LOSS_UNITS[experiment]
+def summarize(experiment: str, records: list[dict], unigram: float | None) -> str:
+    """The Table-shaped summary with the unigram model's perplexity under it."""
+    reference = (
+        f"Unigram model of the training text: val ppl {unigram:.1f}.\n"
+        if unigram is not None
+        else "Unigram model: not computed (the text files are not at hand).\n"
     )
-    return f"{markdown_table(records, experiment)}\nCurves: {plot}\n"
+    return f"{markdown_table(records, experiment)}\n{reference}"
 
 
 def record_times(out: Path, experiments: list[str]) -> list[str]:
@@ -112,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     timings: dict[str, float] = {}
     summaries = []
+    results: dict[str, tuple[list[dict], float | None]] = {}
     try:
         if "ptb" in args.experiments:
-            data = ptb_source(args.data_dir) + (["--no-verify"] if args.no_verify else [])
+            data, ptb_dir = ptb_source(args.data_dir)
+            data += ["--no-verify"] if args.no_verify else []
             for optimizer in OPTIMIZERS["ptb"]:
                 timings[f"ptb {optimizer}"] = run_step(
                     f"Table 2 pipeline (Trainer, AWD-LSTM on PTB): {optimizer}",
@@ -133,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                         *(["--force"] if args.fresh else []),
                     ],
                 )
-            summaries.append(
-                "## Table 2 shape: PTB language model (Trainer)\n\n" + summarize("ptb", args.out / "ptb", args.out)
-            )
+            unigram = ptb_dir and unigram_reference(ptb_dir / "ptb.train.txt", ptb_dir / "ptb.valid.txt", "<eos>")
+            results["ptb"] = (load_records(args.out / "ptb"), unigram or None)
+            summaries.append("## Table 2 shape: PTB language model (Trainer)\n\n" + summarize("ptb", *results["ptb"]))
         if "iwslt14" in args.experiments:
             data_bin = translation_data(args, timings)
             for optimizer in OPTIMIZERS["iwslt14"]:
@@ -157,19 +184,26 @@ def main(argv: list[str] | None = None) -> int:
                         *(["--force"] if args.fresh else []),
                     ],
                 )
+            # The prepared text (BPE applied) lies beside the data-bin.
+            unigram = unigram_reference(data_bin.parent / "train.en", data_bin.parent / "valid.en", "</s>")
+            results["iwslt14"] = (load_records(args.out / "iwslt14"), unigram)
             summaries.append(
-                "## Table 3 shape: De-En translation (fairseq)\n\n"
-                + summarize("iwslt14", args.out / "iwslt14", args.out)
+                "## Table 3 shape: De-En translation (fairseq)\n\n" + summarize("iwslt14", *results["iwslt14"])
             )
     except (DemoFailed, FileNotFoundError) as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
+    panels = [
+        (PANELS[e][0], records, PANELS[e][1], PANELS[e][2](unigram) if unigram else None)
+        for e, (records, unigram) in results.items()
+    ]
+    figure = plot_demo_curves(panels, args.out / "train_loss.png")
     total = time.time() - started
     ran = "\n".join(f"- {step}: {seconds:.0f} s" for step, seconds in timings.items())
     summary = (
-        "# make demo\n\nA smoke-scale run of both pipelines: the numbers show that everything "
-        "works end to end, not how the optimizers compare (see docs/RESULTS.md).\n\n"
+        f"# make demo\n\n{demo_reading(results)}\n\n"
         + "\n".join(summaries)
+        + f"\nTraining-loss curves of both pipelines: {figure}\n"
         + "\n## Wall time\n\nEach run, from its record (training + evaluation):\n\n"
         + "\n".join(record_times(args.out, args.experiments))
         + f"\n\nThis invocation, step by step (a reused run takes seconds):\n\n{ran}\n- total: {total:.0f} s\n"

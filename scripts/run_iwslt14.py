@@ -233,7 +233,7 @@ def train_command(args: argparse.Namespace, save_dir: Path, log_file: Path) -> l
         "--label-smoothing",
         "0.1",
         "--max-tokens",
-        str(budget["max_tokens"]),
+        str(args.max_tokens or budget["max_tokens"]),
         "--seed",
         str(args.seed),
         "--save-dir",
@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "--eta-end", type=float, default=None, help="SoftAdam: eta at the end of a linear or cosine --eta-schedule"
     )
     p.add_argument("--max-update", type=int, default=None, help="override the preset's budget")
+    p.add_argument("--max-tokens", type=int, default=None, help="override the preset's tokens per batch")
     p.add_argument(
         "--warmup",
         type=int,
@@ -404,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(eta_schedule_error)
     if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be >= 0")
+    for option in ("max_update", "max_tokens"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            p.error(f"--{option.replace('_', '-')} must be >= 1")
     if not args.dry_run and not (args.data_bin / "dict.de.txt").is_file():
         p.error(f"{args.data_bin} is not a fairseq data-bin (no dict.de.txt); run scripts/prepare_iwslt14.py first")
     args.average_last = args.average_last or BUDGET[args.preset]["average_last"]

@@ -15,6 +15,7 @@ from repo_scripts import run_repo_script
 from softadam_nlp.data import data_roots
 from softadam_nlp.data.ptb import batchify, find_ptb_dir, load_ptb
 from softadam_nlp.data.translation import find_translation_source
+from softadam_nlp.experiments.reporting import demo_reading, unigram_perplexity
 
 
 def write_tiny_ptb(directory: Path) -> None:
@@ -74,9 +75,18 @@ def test_demo_runs_both_pipelines_summarizes_plots_and_reuses_finished_runs(tmp_
         for optimizer in optimizers:
             record = json.loads((out / experiment / f"{optimizer}-seed1.json").read_text())
             assert record["preset"] == "tiny" and len(record["train_curve"]) >= 2
-        assert (out / f"{experiment}_train_loss.png").stat().st_size > 10_000
+    assert (out / "train_loss.png").stat().st_size > 20_000  # both pipelines' curves, one figure
     summary = (out / "summary.md").read_text()
     assert "| softadam | 1 |" in summary and "66.64" in summary and "34.44" in summary  # paper columns of both tables
+    # The unigram model of the generated PTB text (the test data-bin has no text beside it),
+    # and the reading that points to the CPU-scale tables.
+    ptb_dir = tmp_path / "data" / "ptb"
+    unigram = unigram_perplexity(
+        (ptb_dir / "ptb.train.txt").read_text().splitlines(), (ptb_dir / "ptb.valid.txt").read_text().splitlines()
+    )
+    assert f"Unigram model of the training text: val ppl {unigram:.1f}." in summary
+    assert "Unigram model: not computed" in summary
+    assert "docs/RESULTS.md" in summary.split("##")[0] and f"unigram model's {unigram:.0f}" in summary
     assert "- total:" in summary and summary in first.stdout and "- ptb softadam:" in summary
     # Progress shows while the runs train: fairseq's summarized log lines.
     assert "epoch 1 update" in first.stdout
@@ -106,3 +116,20 @@ def test_translation_source_prefers_iwslt_then_multi30k(tmp_path: Path, monkeypa
     monkeypatch.setenv("SOFTADAM_DATA_DIR", str(tmp_path))
     assert find_translation_source(tmp_path / "empty") == ("iwslt14", tmp_path / "iwslt14" / "de-en.tgz")
     assert data_roots(tmp_path / "empty") == [tmp_path / "empty", tmp_path]
+
+
+def test_unigram_perplexity_counts_one_eos_per_line() -> None:
+    # counts a:2, b:1, eos:1 of 4; "a b <eos>" has probabilities 1/2, 1/4, 1/4
+    assert unigram_perplexity(["a a b", ""], ["a b"], eos="<eos>") == pytest.approx(32 ** (1 / 3))
+    # an unseen token counts as seen once
+    assert unigram_perplexity(["a"], ["c"], eos="<eos>") == pytest.approx(2.0)
+
+
+def test_demo_reading_names_an_optimizer_left_on_the_plateau() -> None:
+    records = [{"optimizer": "sgd", "valid_ppl": 300.0}, {"optimizer": "adamw", "valid_ppl": 40.0}]
+    reading = demo_reading({"iwslt14": (records, 279.0), "ptb": ([{"optimizer": "adam", "valid_ppl": 400.0}], 687.0)})
+    assert "sgd (translation) did not" in reading and "40-300 on translation" in reading
+    assert demo_reading({"ptb": ([{"optimizer": "adam", "valid_ppl": 400.0}], 687.0)}).startswith(
+        "Every optimizer learned more than word frequencies: validation perplexity 400 on PTB against the unigram "
+        "model's 687."
+    )

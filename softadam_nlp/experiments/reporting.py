@@ -235,6 +235,80 @@ def plot_train_curves(records: list[dict], path: Path, title: str, ylabel: str =
     return save_figure(fig, path)
 
 
+def unigram_perplexity(train_lines: Sequence[str], eval_lines: Sequence[str], eos: str = "</s>") -> float:
+    """Perplexity on `eval_lines` of the unigram model of `train_lines` (whitespace
+    tokens, one `eos` per non-empty line, as the models count them): where a model sits
+    before it has learned anything but word frequencies. A token never seen in
+    training counts as seen once."""
+    counts: dict[str, int] = defaultdict(int)
+    for line in train_lines:
+        for token in [*line.split(), eos] if line.strip() else []:
+            counts[token] += 1
+    total = sum(counts.values())
+    log_prob, n = 0.0, 0
+    for line in eval_lines:
+        for token in [*line.split(), eos] if line.strip() else []:
+            log_prob += math.log(max(counts.get(token, 0), 1) / total)
+            n += 1
+    return math.exp(-log_prob / max(n, 1))
+
+
+def demo_reading(experiments: dict[str, tuple[list[dict], float | None]]) -> str:
+    """Two or three sentences on what a demo's numbers show: per experiment (its records
+    and its unigram perplexity), whether every optimizer got below the unigram model, and
+    what a run this short cannot tell."""
+    names = {"ptb": "PTB", "iwslt14": "translation"}
+    below, above = [], []
+    for experiment, (records, unigram) in experiments.items():
+        if not records:
+            continue
+        ppls = sorted((r["valid_ppl"], r["optimizer"]) for r in records)
+        span = f"{ppls[0][0]:.0f}-{ppls[-1][0]:.0f}" if len(ppls) > 1 else f"{ppls[0][0]:.0f}"
+        if unigram is None:
+            below.append(f"{names.get(experiment, experiment)} validation perplexity {span}")
+            continue
+        stuck = [name for ppl, name in ppls if ppl >= unigram]
+        text = f"{span} on {names.get(experiment, experiment)} against the unigram model's {unigram:.0f}"
+        below.append(text)
+        above.extend(f"{name} ({names.get(experiment, experiment)})" for name in stuck)
+    first = (
+        (
+            "Every optimizer learned more than word frequencies: validation perplexity "
+            if not above
+            else f"Not every optimizer left the unigram plateau ({', '.join(above)} did not): validation perplexity "
+        )
+        + "; ".join(below)
+        + "."
+    )
+    return (
+        f"{first} These are single short runs (one seed, a small model, a few minutes each), so they show that "
+        "both pipelines train and evaluate end to end, not how the optimizers compare; the CPU-scale Tables 2 "
+        "and 3 in docs/RESULTS.md compare them over three seeds at longer budgets."
+    )
+
+
+def plot_demo_curves(panels: list[tuple[str, list[dict], str, float | None]], path: Path) -> Path:
+    """One figure, one panel per experiment (title, records, loss unit, the unigram
+    model's cross-entropy in that unit or None): training loss against the optimizer
+    step, one line per optimizer, the unigram model's level dashed."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (title, records, ylabel, unigram_loss) in zip(axes[0], panels):
+        for record in sorted(records, key=lambda r: label_rank(r["optimizer"])):
+            curve = record.get("train_curve") or []
+            if curve:
+                ax.plot([q["step"] for q in curve], [q["loss"] for q in curve], label=record["optimizer"])
+        if unigram_loss is not None:
+            ax.axhline(unigram_loss, color="grey", linestyle="--", linewidth=1, label="unigram model")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    return save_figure(fig, path)
+
+
 def plot_valid_curves(records: list[dict], path: Path, title: str) -> Path:
     """Validation perplexity per epoch, mean over seeds per optimizer and eta schedule
     (`run_label`; Figure 2 style)."""
