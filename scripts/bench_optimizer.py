@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from softadam_nlp import SoftAdam
+from softadam_nlp._fused import fused_cpu_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,6 +147,7 @@ def build_optimizers(
             "AdamW fused": torch.optim.AdamW(params(), lr=1e-3, weight_decay=WEIGHT_DECAY, fused=True).step,
             "SGD momentum": torch.optim.SGD(params(), lr=LR, momentum=0.9, foreach=True).step,
         }
+    kernel = fused_cpu_kernel()
     return {
         "SoftAdam (default path)": SoftAdam(params(), lr=LR, eta=ETA, weight_decay=WEIGHT_DECAY).step,
         "SoftAdam fused": SoftAdam(params(), lr=LR, eta=ETA, weight_decay=WEIGHT_DECAY, fused=True).step,
@@ -160,6 +162,8 @@ def build_optimizers(
         # gradients do not stay in cache between the two passes. torch.dot runs at the
         # memory's read bandwidth here (torch's norm kernels do not: 2.3x slower).
         "read g once (dot)": lambda: [torch.dot(g.view(-1), g.view(-1)) for g in grads],
+        # The fused kernel's first pass alone (SoftAdam's extra read), beside the line above.
+        **({"SoftAdam grad_sq_sums pass": lambda: kernel.grad_sq_sums(grads)} if kernel is not None else {}),
     }
 
 
@@ -214,6 +218,7 @@ import time
 start = time.perf_counter()
 import torch
 from softadam_nlp import SoftAdam
+from softadam_nlp._fused import fused_cpu_kernel
 w = torch.nn.Parameter(torch.zeros(1000))
 w.grad = torch.ones(1000)
 imported = time.perf_counter()

@@ -524,7 +524,11 @@ class SoftAdam(Optimizer):
             for sums in (sums, *vectors)
             if sums.device.type != "meta"
         ]
-        if not flags or bool(torch.stack([f.cpu() for f in flags]).all()):
+        # One value read back per device (on a GPU, the step's one synchronisation).
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for flag in flags:
+            by_device.setdefault(flag.device, []).append(flag)
+        if all(bool(torch.stack(same).all()) for same in by_device.values()):
             return True
         first = None
         for group, plan, (sums, vectors) in zip(self.param_groups, plans, grad_sq_sums):
