@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +22,13 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from softadam_nlp import SoftAdam
+# The fused GPU execution runs on these CPU shards through Triton's interpreter, which
+# must be chosen before anything imports triton.
+GPU_EXECUTION_ON_CPU = importlib.util.find_spec("triton") is not None
+if GPU_EXECUTION_ON_CPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from softadam_nlp import SoftAdam  # noqa: E402
 
 STEPS = 5
 BATCH = 8
@@ -118,6 +126,36 @@ def main(out: Path) -> None:
         with counting_fused_steps() as fused_steps:
             results[f"fsdp2-{name}"] = train(model, optimizer, rank)
         results[f"fsdp2-{name}-ran-fused"] = fused_steps[0] > 0
+
+    if GPU_EXECUTION_ON_CPU:
+        # The fused GPU execution on the local shards (interpreted here): the same whole-tensor
+        # means from the all-reduced sums; with nonfinite="skip" a NaN on one rank makes every
+        # rank's device flag refuse the step.
+        softadam_module = importlib.import_module("softadam_nlp.softadam")
+        softadam_module._TRITON_ON_CPU = True
+        try:
+            model = fsdp_model(mesh)
+            optimizer = SoftAdam(model.parameters(), lr=0.01, fused=True, nonfinite="skip")
+            results["fsdp2-fused-gpu"] = train(model, optimizer, rank)
+            results["fsdp2-fused-gpu-step-on-device"] = all(
+                "exp_avg_sq_mean" in state and state["step"].item() == STEPS for state in optimizer.state.values()
+            )
+            before = full_parameters(model)
+            inputs, targets = batches()[0]
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(inputs), targets).backward()
+            if rank == 1:
+                model[1].weight.grad.to_local()[0, 0] = float("nan")
+            optimizer.step()
+            results[f"fsdp2-fused-gpu-skip-rank{rank}"] = (
+                all(torch.equal(before[k], v) for k, v in full_parameters(model).items()),
+                optimizer.skipped_steps,
+            )
+            skipped = torch.tensor([optimizer.skipped_steps])
+            dist.all_reduce(skipped)
+            results["fsdp2-fused-gpu-skipped-on-both"] = skipped.item() == 2
+        finally:
+            softadam_module._TRITON_ON_CPU = False
 
     # A NaN in one element of one rank's shard: every rank must refuse the step, unchanged.
     model = fsdp_model(mesh)

@@ -78,6 +78,17 @@ def test_fsdp2_takes_the_mean_over_the_whole_tensor(distributed_run, execution: 
     assert results[f"fsdp2-{execution}-ran-fused"] == (execution in ("fused", "default"))
 
 
+def test_fsdp2_with_the_fused_gpu_execution_takes_the_mean_over_the_whole_tensor(distributed_run) -> None:
+    pytest.importorskip("triton")
+    results, _ = distributed_run
+    # The GPU kernels (Triton's interpreter on the CPU shards) against one process's per-tensor steps.
+    assert_same_steps(results["fsdp2-fused-gpu"], single_process(dict(foreach=False)))
+    assert results["fsdp2-fused-gpu-step-on-device"]
+    # nonfinite="skip" decided on the device: a NaN on rank 1 refuses the step on both ranks.
+    assert results["fsdp2-fused-gpu-skip-rank0"] == (True, 1)
+    assert results["fsdp2-fused-gpu-skipped-on-both"]
+
+
 def test_a_nonfinite_gradient_on_one_rank_stops_every_rank_unchanged(distributed_run) -> None:
     _, out = distributed_run
     for rank in (0, 1):
