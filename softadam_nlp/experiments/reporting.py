@@ -211,30 +211,6 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_train_curves(records: list[dict], path: Path, title: str, ylabel: str = "training loss (as logged)") -> Path:
-    """Logged training loss against the optimizer step, one line per run: the curve for
-    runs too short to have more than one validation point (the demo)."""
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for record in sorted(records, key=lambda r: (r["optimizer"], r.get("seed", 0))):
-        curve = record.get("train_curve") or []
-        if curve:
-            ax.plot(
-                [p["step"] for p in curve],
-                [p["loss"] for p in curve],
-                marker=".",
-                label=f"{record['optimizer']} (seed {record.get('seed', '?')})",
-            )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    return save_figure(fig, path)
-
-
 def unigram_perplexity(train_lines: Sequence[str], eval_lines: Sequence[str], eos: str = "</s>") -> float:
     """Perplexity on `eval_lines` of the unigram model of `train_lines` (whitespace
     tokens, one `eos` per non-empty line, as the models count them): where a model sits
