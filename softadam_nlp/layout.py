@@ -94,6 +94,9 @@ class TensorLayout:
         return len(self.whole_numels)
 
 
+# The engine of DTensor layouts: the one whose stepped tensors are not their own local pieces.
+DTENSOR_ENGINE = "FSDP2 (DTensor)"
+
 # Exact types of plain tensors: layouts are looked up for every tensor of every step,
 # so the common case must not pay for isinstance checks against DTensor.
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
@@ -148,7 +151,7 @@ def _dtensor_layout(param: Tensor, name: str) -> TensorLayout:
             )
         if placement.is_shard():
             groups.append(param.device_mesh.get_group(dim))
-    return TensorLayout("FSDP2 (DTensor)", (name,), (tuple(param.shape),), (param.numel(),), None, tuple(groups))
+    return TensorLayout(DTENSOR_ENGINE, (name,), (tuple(param.shape),), (param.numel(),), None, tuple(groups))
 
 
 def _flat_param_layout(flat_param: Tensor, handle: Any) -> TensorLayout:
@@ -267,6 +270,15 @@ class GroupLayout:
             else:
                 self.entries.extend((k, piece, piece.slot) for piece in layout.pieces)
         self.whole_numels = [self.layouts[self.stepped[k]].whole_numels[slot] for k, _, slot in self.entries]
+        # Per stepped tensor, how many entries it has (1 for a whole tensor).
+        self.pieces_per_tensor = [0] * len(self.stepped)
+        for k, _, _ in self.entries:
+            self.pieces_per_tensor[k] += 1
+        # Every entry a whole plain tensor (one process, DDP, FSDP1 NO_SHARD): views are the
+        # tensors themselves, which `views` then returns without a look at each.
+        self._whole_plain = all(piece is None for _, piece, _ in self.entries) and all(
+            layout.engine != DTENSOR_ENGINE for layout in self.layouts
+        )
         # Reduction domains: one vector per tuple of process groups, one slot per original
         # tensor of every tensor of the group that is reduced over those groups, in the
         # group's order, so that the vectors line up on every rank.
@@ -287,6 +299,8 @@ class GroupLayout:
 
     def views(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Per-entry views of per-stepped-tensor `tensors` (parameters, gradients, moments)."""
+        if self._whole_plain:
+            return list(tensors)
         out = []
         for k, piece, _ in self.entries:
             tensor = local(tensors[k])

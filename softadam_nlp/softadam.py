@@ -18,6 +18,7 @@ reference that the fused ones are tested against.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
@@ -403,9 +404,7 @@ class SoftAdam(Optimizer):
                 self.state[p].pop("exp_avg_sq_mean", None)
             return None
         layout = plan.layout
-        pieces_per_tensor = [0] * len(plan.params)
-        for k, _, _ in layout.entries:
-            pieces_per_tensor[k] += 1
+        pieces_per_tensor = layout.pieces_per_tensor
         missing = [k for k, p in enumerate(plan.params) if "exp_avg_sq_mean" not in self.state[p]]
         if missing and all(self.state[plan.params[k]]["step"] == 0 for k in missing):
             # New state: v is zero, and so is its mean. No all-reduce, which matters where a
@@ -462,7 +461,10 @@ class SoftAdam(Optimizer):
         executions = [
             self._fused_execution(group, params, grads) for group, (params, grads) in zip(self.param_groups, views)
         ]
-        grad_sq_sums = [plan.layout.whole_sums(_sums(grads, square=True)) for plan, (_, grads) in zip(plans, views)]
+        grad_sq_sums = [
+            plan.layout.whole_sums(_sums(grads, square=True, kernel_checked=execution == "cpu"))
+            for plan, (_, grads), execution in zip(plans, views, executions)
+        ]
         found_inf = None
         if (
             executions
@@ -620,22 +622,25 @@ def _kernel_can_update(tensor: Tensor) -> bool:
     return type(tensor) in _PLAIN_TYPES and tensor.is_cpu and tensor.is_contiguous()
 
 
-def _sums(tensors: list[Tensor], square: bool = False) -> Tensor:
+def _sums(tensors: list[Tensor], square: bool = False, kernel_checked: bool = False) -> Tensor:
     r"""`sum(t)` (`sum(t^2)` with `square`) of each local tensor, as a float64 vector on
     their device.
 
     With `square`, over the gradients: the finiteness check of every step, and the
     recurrence of $\bar v$. Without, over `v` (which is never negative), to rebuild
     $\bar v$ from it. Sums over whole tensors come from these through
-    `GroupLayout.whole_sums`.
+    `GroupLayout.whole_sums`. `kernel_checked`: the fused CPU execution was chosen for
+    these gradients, so they were already found fit for its kernel.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    if (
-        square
-        and not torch.compiler.is_compiling()
-        and all(_kernel_can_update(t) for t in tensors)
-        and fused_cpu_kernel() is not None
+    if square and (
+        kernel_checked
+        or (
+            not torch.compiler.is_compiling()
+            and all(_kernel_can_update(t) for t in tensors)
+            and fused_cpu_kernel() is not None
+        )
     ):
         return fused_cpu_kernel().grad_sq_sums(tensors)
     # float32 accumulation (float64 for float64 tensors), whatever the tensors' dtype
@@ -737,34 +742,35 @@ def softadam(
         if exp_avg_sq_means is None:
             raise ValueError("the fused execution needs exp_avg_sq_means (mean(v) per parameter, float64)")
         device = params[0].device if params else torch.device("cpu")
-        if device.type == "cuda" or (_TRITON_ON_CPU and device.type == "cpu"):
-            _fused_gpu_softadam(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                state_steps,
-                exp_avg_sq_means,
-                grad_sq_sums,
-                numels,
-                found_inf,
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                eta=eta,
-                weight_decay=weight_decay,
-                nesterov=nesterov,
-                maximize=maximize,
-            )
-            return
-        func = _fused_softadam
-    else:
-        if foreach is None:
-            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        func = _multi_tensor_softadam if foreach else _single_tensor_softadam
+        on_gpu = device.type == "cuda" or (_TRITON_ON_CPU and device.type == "cpu")
+        if found_inf is not None and not on_gpu:
+            raise ValueError("found_inf is taken by the fused GPU execution only (fused=True, CUDA parameters)")
+        # Both fused executions advance the counters and the means of v themselves.
+        execution = partial(_fused_gpu_softadam, found_inf=found_inf) if on_gpu else _fused_softadam
+        execution(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            exp_avg_sq_means,
+            grad_sq_sums,
+            numels,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            eta=eta,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+        return
     if found_inf is not None:
         raise ValueError("found_inf is taken by the fused GPU execution only (fused=True, CUDA parameters)")
+    if foreach is None:
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    func = _multi_tensor_softadam if foreach else _single_tensor_softadam
     if not params:
         return
     if torch.compiler.is_compiling():
@@ -798,12 +804,18 @@ def _advance_means(
 ) -> None:
     r"""$\bar v_t = \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t}) \sum g_t^2 / n$, in float64,
     in place: the mean of v follows the same recurrence as v, so it needs no pass over v."""
-    device = means[0].device
-    weights = torch.tensor([_step_coefficients(_get_value(s), beta2, 0.0)[1] for s in state_steps], dtype=torch.float64)
+    weights = [c[1] for c in _coefficients_per_step([_get_value(s) for s in state_steps], beta2, 0.0)]
+    old = torch.stack(means).to(dtype=torch.float64)
+    torch._foreach_copy_(means, list(_next_means(old, grad_sq_sums, numels, weights).unbind()))
+
+
+def _next_means(old: Tensor, grad_sq_sums: Tensor, numels: list[int], weights: list[Scalar]) -> Tensor:
+    """The recurrence of `_advance_means` on float64 vectors: `old` holds
+    $\bar v_{t-1}$ per entry, `weights` each entry's $1 - \beta_{2,t}$."""
+    device = old.device
+    weights = torch.tensor(weights, dtype=torch.float64)
     sizes = torch.tensor([max(n, 1) for n in numels], dtype=torch.float64)
-    old = torch.stack([m.to(torch.float64) for m in means]).to(device)
-    new = (1.0 - weights).to(device) * old + weights.to(device) * (grad_sq_sums.to(device) / sizes.to(device))
-    torch._foreach_copy_(means, list(new.unbind()))
+    return (1.0 - weights).to(device) * old + weights.to(device) * (grad_sq_sums.to(device) / sizes.to(device))
 
 
 def _single_tensor_softadam(
@@ -959,15 +971,13 @@ def _multi_tensor_softadam(
             torch._foreach_copy_(device_params, work)
 
 
-def _fused_coefficients(state_steps: list[Tensor], beta2: float, eta: float) -> list[list[float]]:
-    """The per-tensor step coefficients of the fused executions, as four lists
-    (beta2_t, 1 - beta2_t, denominator offset, eta*gamma)."""
-    steps = [_get_value(s) for s in state_steps]
-    if all(s == steps[0] for s in steps):  # the usual case: every tensor on the same step
-        coefficients = [_step_coefficients(steps[0], beta2, eta)] * len(steps)
-    else:
-        coefficients = [_step_coefficients(s, beta2, eta) for s in steps]
-    return [list(c) for c in zip(*coefficients)]
+def _coefficients_per_step(steps: list[Scalar], beta2: float, eta: float) -> list[tuple[Scalar, ...]]:
+    """`_step_coefficients` of each step count, computed once per distinct count
+    (usually one: every tensor of a group on the same step)."""
+    if steps and not isinstance(steps[0], Tensor):
+        table = {step: _step_coefficients(step, beta2, eta) for step in set(steps)}
+        return [table[step] for step in steps]
+    return [_step_coefficients(step, beta2, eta) for step in steps]
 
 
 def _fused_softadam(
@@ -977,6 +987,8 @@ def _fused_softadam(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     exp_avg_sq_means: list[Tensor],
+    grad_sq_sums: Optional[Tensor],
+    numels: Optional[list[int]],
     *,
     lr: float,
     beta1: float,
@@ -987,19 +999,29 @@ def _fused_softadam(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    if len(params) == 0:
+    """The fused CPU execution (`csrc/fused_softadam_cpu.cpp`). The counters and the
+    means of v are read and written by the kernel module rather than by a torch op per
+    tensor (hundreds per step); the scalar algorithm is the one of the other executions
+    (`_step_coefficients`, `_next_means`)."""
+    if not params:
         return
     kernel = fused_cpu_kernel()
     if kernel is None:
         raise RuntimeError(f"fused=True, but SoftAdam's fused CPU kernel {fused_cpu_unavailable_reason()}")
-    beta2_t, weight, denom_offset, denom_scale = _fused_coefficients(state_steps, beta2, eta)
-    means = torch.stack(exp_avg_sq_means).tolist() if eta != 0 else [0.0] * len(params)
+    steps = kernel.increment_steps(state_steps)
+    coefficients = _coefficients_per_step(steps, beta2, eta)
+    beta2_t, weight, denom_offset, denom_scale = ([c[i] for c in coefficients] for i in range(4))
+    if grad_sq_sums is None:
+        grad_sq_sums = _sums(grads, square=True)
+    old = torch.tensor(kernel.read_scalars(exp_avg_sq_means), dtype=torch.float64)
+    means = _next_means(old, grad_sq_sums, numels or [p.numel() for p in params], weight).tolist()
+    kernel.write_scalars(exp_avg_sq_means, means)
     kernel.fused_softadam_(
         params,
         grads,
         exp_avgs,
         exp_avg_sqs,
-        means,
+        means if eta != 0 else [0.0] * len(params),
         beta2_t,
         weight,
         denom_offset,
@@ -1023,8 +1045,8 @@ def _fused_gpu_softadam(
     exp_avg_sq_means: list[Tensor],
     grad_sq_sums: Optional[Tensor],
     numels: Optional[list[int]],
-    found_inf: Optional[Tensor],
     *,
+    found_inf: Optional[Tensor],
     lr: float,
     beta1: float,
     beta2: float,

@@ -344,3 +344,35 @@ def test_end_to_end_benchmark_compares_both_toolkits(tmp_path: Path) -> None:
     assert record["fairseq"]["runs"]["softadam"][0]["intervals"]  # logged words/s, the first interval left out
     bad = run_repo_script("scripts/bench_end_to_end.py", "--toolkit", "fairseq", "--data-bin", tmp_path / "none")
     assert bad.returncode == 2 and "no fairseq data-bin" in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_sums_of_squares_match_float64_on_every_read_pattern(two_threads, dtype: torch.dtype) -> None:
+    # Lengths below one block, at the four-stream span (4 x 16384) and past it with a
+    # ragged tail; one list, so that threads' ranges also cut through tensors.
+    from softadam_nlp._fused import fused_cpu_kernel
+
+    g = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(n, generator=g) * 10.0 ** (i % 3)).to(dtype) for i, n in enumerate([1, 4095, 65536, 65537, 200705])]
+    sums = fused_cpu_kernel().grad_sq_sums(grads)
+    expected = torch.stack([g.double().square().sum() for g in grads])
+    torch.testing.assert_close(sums, expected, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+
+
+def test_kernel_moves_the_counters_and_means_as_torch_ops_would() -> None:
+    from softadam_nlp._fused import fused_cpu_kernel
+
+    kernel = fused_cpu_kernel()
+    shared, own = torch.tensor(2.0**24), torch.tensor(3.0, dtype=torch.float64)
+    # A counter two entries share (the pieces of one flattened tensor) advances once; a
+    # float32 counter at 2**24 stays there, as `counter += 1` leaves it.
+    assert kernel.increment_steps([shared, shared, own]) == [2.0**24, 2.0**24, 4.0]
+    assert shared.item() == 2.0**24 and own.item() == 4.0
+    means = [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float32)]
+    kernel.write_scalars(means, [0.1, 0.1])
+    assert means[0].item() == 0.1 and means[1].item() == torch.tensor(0.1).item()  # rounded to its dtype
+    assert kernel.read_scalars(means) == [0.1, torch.tensor(0.1).item()]
+    with pytest.raises(RuntimeError, match="one-element floating-point CPU tensors"):
+        kernel.increment_steps([torch.zeros(2)])
+    with pytest.raises(RuntimeError, match="one value per tensor"):
+        kernel.write_scalars(means, [0.0])

@@ -37,13 +37,16 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <unordered_set>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per thread at least: smaller groups run on one thread
-constexpr int64_t kBlock = 4096;   // elements per float partial sum, before it is added in float64
+constexpr int64_t kBlock = 4096;   // elements whose float partial sums are added into float64 together
 constexpr int64_t kLanes = 64;     // independent partial sums in the sum-of-squares loop
+constexpr int64_t kStreams = 4;    // gradient segments the sums pass reads side by side
+constexpr int64_t kSegment = 16384;  // elements per segment of the sums pass (a multiple of kBlock / kStreams)
 
 template <typename opmath_t>
 struct Coefficients {
@@ -57,13 +60,36 @@ struct Coefficients {
   opmath_t step_size;      // -lr * (1 + eta)
 };
 
-// Sum of g^2 over [begin, end) in float64. kLanes independent float partial sums: a
-// fixed-width inner loop the compiler maps onto vector registers without reassociating
-// anything (a plain reduction loop would be one sequential chain of adds).
+// Sum of g^2 over [begin, end) in float64, from float partial sums of kBlock elements
+// each. One sequential read stream per core falls short of the memory's bandwidth here
+// (too few misses in flight: docs/RESULTS.md), so the range is read in spans of kStreams
+// segments side by side, segment s in lanes of its own. The spans follow each other in
+// address order, so the update pass, walking backwards, starts on what this pass read
+// last. The fixed-width inner loops map onto vector registers without reassociating
+// anything (a plain reduction loop would be one sequential chain of adds), and every
+// float lane adds up kBlock / kLanes elements whichever loop it is in.
 template <typename param_t, typename opmath_t>
 double sum_of_squares(const param_t* __restrict__ grad, int64_t begin, int64_t end) {
+  constexpr int64_t width = kLanes / kStreams, chunk = kBlock / kStreams;
   double total = 0.0;
-  for (int64_t start = begin; start < end; start += kBlock) {
+  int64_t start = begin;
+  for (; start + kStreams * kSegment <= end; start += kStreams * kSegment) {
+    for (int64_t offset = start; offset < start + kSegment; offset += chunk) {
+      opmath_t lanes[kStreams][width] = {};
+      for (int64_t i = offset; i < offset + chunk; i += width) {
+        for (int64_t s = 0; s < kStreams; ++s) {
+          for (int64_t j = 0; j < width; ++j) {
+            const opmath_t g = static_cast<opmath_t>(grad[i + s * kSegment + j]);
+            lanes[s][j] += g * g;
+          }
+        }
+      }
+      for (int64_t s = 0; s < kStreams; ++s) {
+        for (int64_t j = 0; j < width; ++j) total += static_cast<double>(lanes[s][j]);
+      }
+    }
+  }
+  for (; start < end; start += kBlock) {
     const int64_t stop = std::min(end, start + kBlock);
     opmath_t lanes[kLanes] = {};
     int64_t i = start;
@@ -268,7 +294,60 @@ void fused_softadam_(const std::vector<at::Tensor>& params, const std::vector<at
   });
 }
 
+// The step's scalar state, moved without a dispatched op per tensor: a transformer has
+// hundreds of 0-dim counters and means, and a torch op on each (_foreach_add_ falls back
+// to one per tensor on the CPU) cost more than a millisecond per step. No arithmetic
+// beyond the counters' +1 happens here; the scalar algorithm stays in softadam.py.
+void check_scalar(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.numel() == 1 && at::isFloatingType(t.scalar_type()),
+              "fused_softadam_: ", what, " must be one-element floating-point CPU tensors");
+}
+
+// Adds 1 to every step counter, once to a counter that several entries share (the pieces
+// of one flattened tensor), in the counter's dtype as `counter += 1` does; returns each
+// entry's new count.
+std::vector<double> increment_steps(const std::vector<at::Tensor>& steps) {
+  std::vector<double> counts;
+  counts.reserve(steps.size());
+  std::unordered_set<const void*> done;
+  for (const at::Tensor& step : steps) {
+    check_scalar(step, "step counters");
+    const bool first = done.insert(step.data_ptr()).second;
+    AT_DISPATCH_FLOATING_TYPES(step.scalar_type(), "increment_steps", [&] {
+      scalar_t* count = step.data_ptr<scalar_t>();
+      if (first) *count += 1;
+      counts.push_back(static_cast<double>(*count));
+    });
+  }
+  return counts;
+}
+
+// The values of one-element tensors, as doubles.
+std::vector<double> read_scalars(const std::vector<at::Tensor>& tensors) {
+  std::vector<double> values;
+  values.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    check_scalar(t, "means of v");
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "read_scalars",
+                               [&] { values.push_back(static_cast<double>(*t.data_ptr<scalar_t>())); });
+  }
+  return values;
+}
+
+// Writes `values` into one-element tensors, each rounded to its dtype.
+void write_scalars(const std::vector<at::Tensor>& tensors, const std::vector<double>& values) {
+  TORCH_CHECK(tensors.size() == values.size(), "write_scalars: one value per tensor");
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    check_scalar(tensors[k], "means of v");
+    AT_DISPATCH_FLOATING_TYPES(tensors[k].scalar_type(), "write_scalars",
+                               [&] { *tensors[k].data_ptr<scalar_t>() = static_cast<scalar_t>(values[k]); });
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("increment_steps", &increment_steps, "step counters += 1 (shared ones once); the new counts");
+  m.def("read_scalars", &read_scalars, "values of one-element CPU tensors");
+  m.def("write_scalars", &write_scalars, "write values into one-element CPU tensors");
   m.def("grad_sq_sums", &grad_sq_sums, "sum(g^2) per gradient, float64 (CPU, contiguous)");
   m.def("fused_softadam_", &fused_softadam_, "SoftAdam step for a list of CPU tensors (in place), after grad_sq_sums");
 }
