@@ -353,7 +353,8 @@ def test_sums_of_squares_match_float64_on_every_read_pattern(two_threads, dtype:
     from softadam_nlp._fused import fused_cpu_kernel
 
     g = torch.Generator().manual_seed(0)
-    grads = [(torch.randn(n, generator=g) * 10.0 ** (i % 3)).to(dtype) for i, n in enumerate([1, 4095, 65536, 65537, 200705])]
+    lengths = [1, 4095, 65536, 65537, 200705]
+    grads = [(torch.randn(n, generator=g) * 10.0 ** (i % 3)).to(dtype) for i, n in enumerate(lengths)]
     sums = fused_cpu_kernel().grad_sq_sums(grads)
     expected = torch.stack([g.double().square().sum() for g in grads])
     torch.testing.assert_close(sums, expected, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
