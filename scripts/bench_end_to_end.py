@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_optimizer import write_bench_record  # noqa: E402
 from run_iwslt14 import MODELS, PLUGIN, device_flags  # noqa: E402
 
-from softadam_nlp.experiments.fairseq_runs import fairseq_tool, parse_fairseq_log  # noqa: E402
+from softadam_nlp.experiments.fairseq_runs import TIMED_RUN_OPTIONS, fairseq_tool, parse_fairseq_log  # noqa: E402
 
 FAIRSEQ_OPTIMIZERS = {
     "softadam": ["--optimizer", "softadam", "--softadam-eta", "1.0", "--lr", "0.5"],
@@ -82,8 +82,7 @@ def fairseq_words_per_second(optimizer: str, data_bin: Path, updates: int, inter
             str(updates),
             "--seed",
             "1",
-            "--no-save",
-            "--disable-validation",
+            *TIMED_RUN_OPTIONS,
             "--log-format",
             "json",
             "--log-interval",

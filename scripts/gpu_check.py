@@ -485,19 +485,19 @@ def summarize_translation(results: dict) -> list[str]:
 
 def plan_fairseq_train(ctx: Context) -> Step:
     run_iwslt14 = load_script(REPO / "scripts" / "run_iwslt14.py")
-    from softadam_nlp.experiments.fairseq_runs import fairseq_tool
+    from softadam_nlp.experiments.fairseq_runs import TIMED_RUN_OPTIONS, fairseq_tool
 
     log_file = ctx.work / "fairseq_train.log"
     softadam = run_iwslt14.OPTIMIZERS["softadam"]
     # Table 3's paper preset (model, batch, schedule as run_iwslt14.py builds them for SoftAdam),
-    # cut to a few hundred updates, without checkpoints or validation.
+    # cut to a few hundred updates, without checkpoints, validation or prefetch thread.
     command = [fairseq_tool("fairseq-train"), str(ctx.fairseq_data_bin), "--user-dir", str(run_iwslt14.PLUGIN)]
     command += ["--task", "translation", *run_iwslt14.MODELS["paper"], *softadam["args"]]
     command += ["--lr", str(softadam["lr"]["paper"]), "--lr-scheduler", "linear", "--warmup-updates", "1"]
     command += ["--min-lr", "1e-09", "--max-update", str(FAIRSEQ_UPDATES)]
     command += ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
     command += ["--max-tokens", str(run_iwslt14.BUDGET["paper"]["max_tokens"]), "--seed", "1"]
-    command += ["--no-save", "--disable-validation", "--log-format", "json"]
+    command += [*TIMED_RUN_OPTIONS, "--log-format", "json"]
     command += ["--log-interval", str(FAIRSEQ_LOG_INTERVAL), "--log-file", str(log_file)]
     step = Step(
         "fairseq_train",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -294,3 +296,31 @@ checkpoint: {{save_dir: {tmp_path / "ck"}, no_epoch_checkpoints: true}}
     assert state["optimizer_history"][-1]["num_updates"] == 20
     group = state["last_optimizer_state"]["param_groups"][0]
     assert (tuple(group["betas"]), group["eta"], group["weight_decay"]) == ((0.8, 0.99), 2.0, 0.01)
+
+
+def test_timed_runs_leave_no_prefetch_thread_at_exit(data_bin: Path, tmp_path: Path) -> None:
+    """scripts/bench_end_to_end.py and scripts/gpu_check.py end fairseq-train right after its
+    last update (TIMED_RUN_OPTIONS). fairseq's prefetch thread, still loading batches then,
+    can abort the process as the interpreter finalizes (softadam_nlp/experiments/
+    fairseq_runs.py says how); with the options there is no such thread to race."""
+    from softadam_nlp.experiments.fairseq_runs import TIMED_RUN_OPTIONS
+
+    # fairseq-train in a Python that reports the threads still alive as it exits.
+    script = (
+        "import atexit, sys, threading\n"
+        "from fairseq_cli.train import cli_main\n"
+        "atexit.register(lambda: print('THREADS AT EXIT', sorted(type(t).__name__ for t in threading.enumerate())))\n"
+        "sys.argv = ['fairseq-train'] + sys.argv[1:]\n"
+        "cli_main()\n"
+    )
+
+    def threads_at_exit(*options: str) -> str:
+        args = translation_args(data_bin, tmp_path / "unused", "--max-update", 3, *options)
+        result = subprocess.run(
+            [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return next(line for line in result.stdout.splitlines() if line.startswith("THREADS AT EXIT"))
+
+    assert "BackgroundConsumer" in threads_at_exit("--no-save", "--disable-validation")  # the test can tell
+    assert "BackgroundConsumer" not in threads_at_exit(*TIMED_RUN_OPTIONS)

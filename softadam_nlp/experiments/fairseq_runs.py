@@ -51,6 +51,17 @@ def check_fairseq_command(command: Sequence[str]) -> None:
         raise ValueError(f"{tool} rejects the command: {error[-1] if error else 'unknown error'}") from None
 
 
+# Options for a fairseq-train run cut short to be timed: no checkpoints, no validation,
+# and no background prefetch thread. fairseq's prefetch (`--data-buffer-size`, default
+# 10) runs in a daemon thread; when the process exits right after its last update, that
+# thread can still be freeing a batch's tensors as the interpreter finalizes, and
+# CPython 3.11 then ends it by an unwind that torch's C++ frames turn into
+# `terminate called without an active exception` (SIGABRT, now and then; a core dump
+# shows the thread in THPVariable_dealloc -> take_gil -> pthread_exit). A run
+# that saves and validates at its end leaves the thread blocked on a full queue, safe.
+TIMED_RUN_OPTIONS = ("--no-save", "--disable-validation", "--data-buffer-size", "0")
+
+
 # fairseq_cli/train.py logs this once as each fairseq-train process starts.
 _PROCESS_START = re.compile(r"\btraining on \d+ devices")
 
