@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         "seed (a row label of the main table, e.g. softadam)",
     )
     args = p.parse_args(argv)
+    # A mistyped or not-yet-produced folder would otherwise just add no rows, and the table
+    # would quietly lack the runs the reader asked for.
+    missing = [str(folder) for folder in args.records if not folder.is_dir()]
+    if missing:
+        print(f"error: --records: no such folder: {' '.join(missing)}", file=sys.stderr)
+        return 2
     records = [
         r
         for folder in args.records

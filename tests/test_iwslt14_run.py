@@ -293,6 +293,8 @@ def test_per_seed_table_pairs_each_run_with_the_baselines_same_seed(tmp_path: Pa
     assert "(-3.00 / +0.50)" in result.stdout and "| sgd |" not in result.stdout  # --optimizer keeps SoftAdam's
     result = run_script("report.py", "--experiment", "iwslt14", "--records", tmp_path, "--per-seed", "adam")
     assert result.returncode == 2 and "error: --per-seed: no runs labelled 'adam'" in result.stderr
+    result = run_script("report.py", "--experiment", "iwslt14", "--records", tmp_path, tmp_path / "typo")
+    assert result.returncode == 2 and f"error: --records: no such folder: {tmp_path / 'typo'}" in result.stderr
 
 
 def test_softadam_with_warmup_gets_its_own_row() -> None:
