@@ -20,6 +20,8 @@ of the same seed beside it (--optimizer keeps one optimizer's records):
 
     python scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/eta_schedule/ptb \
         --optimizer softadam --per-seed softadam
+
+--per-epoch adds each run's validation perplexity after every epoch, six epochs to a column.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from softadam_nlp.experiments.reporting import (
     COLUMNS,
     load_records,
     markdown_table,
+    per_epoch_table,
     per_seed_table,
     plot_lr_sweep,
     plot_sensitivity_heatmap,
@@ -72,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also print a table per seed with each run's difference from BASELINE's run of the same "
         "seed (a row label of the main table, e.g. softadam)",
     )
+    p.add_argument(
+        "--per-epoch",
+        action="store_true",
+        help="also print each run's validation perplexity after every epoch (one row per run and seed)",
+    )
     args = p.parse_args(argv)
     # A mistyped or not-yet-produced folder would otherwise just add no rows, and the table
     # would quietly lack the runs the reader asked for.
@@ -103,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"error: --per-seed: {error}", file=sys.stderr)
             return 2
+    if args.per_epoch:
+        print(per_epoch_table(records))
     if args.plot:
         title = args.title or f"{args.experiment}: validation perplexity"
         (plot_lr_sweep if args.by_lr else plot_valid_curves)(records, args.plot, title)

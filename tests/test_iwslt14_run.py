@@ -34,6 +34,7 @@ from softadam_nlp.experiments.fairseq_runs import (
 )
 from softadam_nlp.experiments.reporting import (
     markdown_table,
+    per_epoch_table,
     per_seed_table,
     run_label,
     sensitivity_grid,
@@ -319,6 +320,39 @@ def test_softadam_with_warmup_gets_its_own_row() -> None:
     assert "| softadam | 1 | 70.00 | 4.02 |" in table and "| softadam, warmup 100 | 2 | 57.00 ± 1.41 | - |" in table
     trainer = {"optimizer": "softadam", "config": {"lr": 120, "eta": 1.0, "warmup_steps": 50}}
     assert run_label(trainer) == "softadam, warmup 50"
+
+
+def test_per_epoch_table_lists_each_runs_curve_in_columns_of_epochs(tmp_path: Path) -> None:
+    def record(optimizer: str, seed: int, curve: list[float], warmup: int = 0) -> dict:
+        return {
+            "experiment": "iwslt14",
+            "optimizer": optimizer,
+            "seed": seed,
+            "valid_ppl": curve[-1],
+            "tokenized_bleu": 1.0,
+            "sacrebleu": 1.0,
+            "epochs": [{"epoch": i + 1, "valid_ppl": ppl} for i, ppl in enumerate(curve)],
+            "command": ["fairseq-train", "--lr", "0.5", "--warmup-updates", str(warmup)],
+        }
+
+    records = [
+        record("softadam", 2, [300.4, 99.96, 9.96, 9.94]),
+        record("softadam", 1, [250.0, 120.0, 80.0, 61.5, 52.0], warmup=100),
+        record("sgd", 1, [311.0]),
+    ]
+    table = per_epoch_table(records, epochs_per_column=2)
+    assert table.splitlines() == [
+        "| run | epochs 1-2 | epochs 3-4 | epoch 5 |",
+        "|---|---|---|---|",
+        "| sgd, seed 1 | 311 | - | - |",  # the paper's order, then the seed
+        "| softadam, seed 2 | 300, 100 | 10, 9.9 | - |",  # whole numbers from 10 up, one decimal below
+        "| softadam, warmup 100, seed 1 | 250, 120 | 80, 62 | 52 |",
+    ]
+    for i, r in enumerate(records):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(r))
+    result = run_script("report.py", "--experiment", "iwslt14", "--records", tmp_path, "--per-epoch")
+    assert result.returncode == 0, result.stderr
+    assert "| run | epochs 1-5 |" in result.stdout and "| softadam, seed 2 | 300, 100, 10, 9.9 |" in result.stdout
 
 
 def test_sweep_table_has_a_row_per_learning_rate() -> None:

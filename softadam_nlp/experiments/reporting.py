@@ -193,6 +193,29 @@ def per_seed_table(records: list[dict], experiment: str, baseline: str | None = 
     return "\n".join(lines) + "\n"
 
 
+def short_ppl(value: float) -> str:
+    """A perplexity at the precision a per-epoch table needs: whole numbers from 10 up, one
+    decimal below."""
+    return f"{value:.1f}" if round(value, 1) < 10 else f"{value:.0f}"
+
+
+def per_epoch_table(records: list[dict], epochs_per_column: int = 6) -> str:
+    """One row per run (`run_label` and seed), its validation perplexity after each epoch,
+    `epochs_per_column` epochs to a column: the curves of the plot as numbers, to read where
+    one run passes another. Epochs a run did not log are left out of its cells."""
+    runs = sorted(records, key=lambda r: (label_rank(run_label(r)), r.get("seed", 1)))
+    curves = [[e["valid_ppl"] for e in r.get("epochs", []) if "valid_ppl" in e] for r in runs]
+    longest = max((len(curve) for curve in curves), default=0)
+    starts = range(0, longest, epochs_per_column)
+    last = [min(a + epochs_per_column, longest) for a in starts]
+    header = [f"epochs {a + 1}-{b}" if b > a + 1 else f"epoch {b}" for a, b in zip(starts, last)]
+    lines = ["| run | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
+    for record, curve in zip(runs, curves):
+        cells = [", ".join(map(short_ppl, curve[a : a + epochs_per_column])) or "-" for a in starts]
+        lines.append(f"| {run_label(record)}, seed {record.get('seed', 1)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display on build machines)."""
     import matplotlib
