@@ -53,9 +53,14 @@ def learning_rate(record: dict) -> float | None:
     return run_setting(record, "lr", "--lr")
 
 
+def valid_ppl_curve(record: dict) -> list[float]:
+    """Validation perplexity after each epoch the run logged one, in order."""
+    return [e["valid_ppl"] for e in record.get("epochs", []) if "valid_ppl" in e]
+
+
 def last_epoch_valid_ppl(record: dict) -> float | None:
     """Validation perplexity logged at the last epoch (the final weights, not averaged or best)."""
-    values = [e["valid_ppl"] for e in record.get("epochs", []) if "valid_ppl" in e]
+    values = valid_ppl_curve(record)
     return values[-1] if values else None
 
 
@@ -204,7 +209,7 @@ def per_epoch_table(records: list[dict], epochs_per_column: int = 6) -> str:
     `epochs_per_column` epochs to a column: the curves of the plot as numbers, to read where
     one run passes another. Epochs a run did not log are left out of its cells."""
     runs = sorted(records, key=lambda r: (label_rank(run_label(r)), r.get("seed", 1)))
-    curves = [[e["valid_ppl"] for e in r.get("epochs", []) if "valid_ppl" in e] for r in runs]
+    curves = [valid_ppl_curve(r) for r in runs]
     longest = max((len(curve) for curve in curves), default=0)
     starts = range(0, longest, epochs_per_column)
     last = [min(a + epochs_per_column, longest) for a in starts]
