@@ -110,7 +110,7 @@ for stage in "${stages[@]}"; do
         --plot docs/figures/iwslt14_cpu_valid_ppl.png --title "Multi30k De-En transformer, cpu preset"
       "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/sweeps/iwslt14_2100updates \
         results/cpu/sweeps/iwslt14_2100updates_softadam_warmup100 --per-seed softadam --per-epoch \
-        --plot docs/figures/iwslt14_cpu_2100updates.png --title "Multi30k, cpu preset, 2,100 updates (mean over the seeds run)"
+        --plot docs/figures/iwslt14_cpu_2100updates.png --title "Multi30k, cpu preset, 2,100 updates (mean over 3 seeds)"
       "$PY" scripts/report.py --experiment ptb --records results/cpu/sweeps/ptb_eta_lr \
         --heatmap docs/figures/ptb_softadam_eta_lr.png --title "SoftAdam on PTB (cpu model, 1 epoch)"
       "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/eta_schedule/ptb --per-seed softadam \
