@@ -112,6 +112,9 @@ for stage in "${stages[@]}"; do
         --plot docs/figures/iwslt14_cpu_lr_sweep.png --title "Multi30k De-En, cpu preset: lr sweep (seed 1)"
       "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb \
         --plot docs/figures/ptb_cpu_valid_ppl.png --title "PTB AWD-LSTM, cpu preset"
+      "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/sweeps/ptb_softadam_warmup100 \
+        --per-seed softadam --per-epoch \
+        --plot docs/figures/ptb_cpu_softadam_warmup.png --title "PTB AWD-LSTM, cpu preset, warmup ablation"
       "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/iwslt14 \
         --plot docs/figures/iwslt14_cpu_valid_ppl.png --title "Multi30k De-En transformer, cpu preset"
       "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/sweeps/iwslt14_2100updates \
