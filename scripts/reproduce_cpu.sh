@@ -113,7 +113,7 @@ for stage in "${stages[@]}"; do
       "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb \
         --plot docs/figures/ptb_cpu_valid_ppl.png --title "PTB AWD-LSTM, cpu preset"
       "$PY" scripts/report.py --experiment ptb --records results/cpu/ptb results/cpu/sweeps/ptb_softadam_warmup100 \
-        --per-seed softadam --per-epoch \
+        --optimizer softadam --per-seed softadam --per-epoch \
         --plot docs/figures/ptb_cpu_softadam_warmup.png --title "PTB AWD-LSTM, cpu preset, warmup ablation"
       "$PY" scripts/report.py --experiment iwslt14 --records results/cpu/iwslt14 \
         --plot docs/figures/iwslt14_cpu_valid_ppl.png --title "Multi30k De-En transformer, cpu preset"
