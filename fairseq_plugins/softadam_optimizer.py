@@ -153,12 +153,15 @@ class FairseqSoftAdam(FairseqOptimizer):
         return False
 
     def average_params(self) -> None:
-        """Average the moments across workers (used by BMUF distributed training)."""
+        """Average the moments across workers (used by BMUF distributed training). Each
+        worker's mean of v is then rebuilt from the averaged v, so that all of them step
+        with the same one."""
         world_size = float(dist.get_world_size())
         for state in self.optimizer.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] /= world_size
                 dist.all_reduce(state[key], op=dist.ReduceOp.SUM)
+        self._optimizer.rebuild_exp_avg_sq_means()
 
 
 __all__ = ["FairseqSoftAdam", "FairseqSoftAdamConfig"]

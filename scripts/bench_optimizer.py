@@ -191,7 +191,7 @@ def default_softadam_path(device: torch.device) -> str:
     p.grad = torch.zeros(1, device=device)
     opt = SoftAdam([p])
     opt.step()
-    if "exp_avg_sq_mean" in opt.state[p]:
+    if p in opt._kept_means:  # only the fused executions carry a mean of v on whole tensors
         return "fused"
     from torch.optim.optimizer import _default_to_fused_or_foreach
 

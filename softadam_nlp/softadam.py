@@ -18,6 +18,7 @@ reference that the fused ones are tested against.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -68,8 +69,28 @@ def _triton_unavailable_reason(device: torch.device) -> Optional[str]:
 _STATE_DTYPE_KEYS: dict[str, Callable[[Tensor], torch.dtype]] = {
     "exp_avg": _state_dtype,
     "exp_avg_sq": _state_dtype,
-    "exp_avg_sq_mean": lambda param: torch.float64,
 }
+
+# The key of `state_dict()` that carries the means of v of whole plain tensors, beside
+# "state" and "param_groups" (which hold only AdamW's keys). Checkpoints of 0.1.0 and of
+# 0.2.0 before the change kept a mean per stepped tensor inside "state", under the name of
+# `_OLD_MEAN_KEY`.
+_MEANS_KEY = "exp_avg_sq_means"
+_OLD_MEAN_KEY = "exp_avg_sq_mean"
+
+
+@dataclass
+class _KeptMean:
+    """The float64 mean of v of the whole original tensor(s) that a stepped tensor holds
+    pieces of, as of its last step: 0-dim, or one entry per piece (layout.py). It is valid
+    only for the very `exp_avg_sq` it was taken from, unchanged since (`version`)."""
+
+    value: Tensor
+    exp_avg_sq: Tensor
+    version: int
+
+    def valid_for(self, exp_avg_sq: Tensor) -> bool:
+        return exp_avg_sq is self.exp_avg_sq and local(exp_avg_sq)._version == self.version
 
 
 class SoftAdam(Optimizer):
@@ -158,10 +179,15 @@ class SoftAdam(Optimizer):
     The fused executions (and every execution on sharded parameters) compute
     $\bar v_t$ without a pass over $v_t$, from $\bar v_t =
     \beta_{2,t} \bar v_{t-1} + (1 - \beta_{2,t}) \operatorname{mean}(g_t^2)$,
-    keeping $\bar v$ in float64 (state `exp_avg_sq_mean`); it agrees with
-    $\operatorname{mean}(v_t)$ to float rounding. On whole tensors the state is
-    dropped whenever another execution updates $v$, and rebuilt from $v$
-    when a fused execution next needs it. The fused GPU execution keeps each step
+    keeping $\bar v$ in float64; it agrees with $\operatorname{mean}(v_t)$ to float
+    rounding. That mean is derived from $v$, not state: `optimizer.state` holds
+    AdamW's keys (`step`, `exp_avg`, `exp_avg_sq`), which every engine saves,
+    gathers and reshards as it does AdamW's. After `load_state_dict`, or a change of
+    $v$ or of the state outside `step` (see `rebuild_exp_avg_sq_means`), each
+    $\bar v$ is rebuilt at the next step as the float64 sum of $v$ over its whole
+    original tensor divided by its size; `state_dict()` carries the means of whole
+    tensors (one process, DDP) beside the state, so that a resumed run continues bit
+    for bit there. The fused GPU execution keeps each step
     counter on the parameter's device (the kernels read it there); the others keep it
     on the CPU, and a counter moves when the execution changes.
     """
@@ -201,6 +227,10 @@ class SoftAdam(Optimizer):
         # Per group, from its first step: its tensors, their layouts, a GroupLayout per set stepped.
         self._layouts: dict[int, tuple[list[Tensor], list[TensorLayout], dict[tuple[int, ...], GroupLayout]]] = {}
         self._group_index: dict[int, int] = {}  # id(group dict) -> its position when added
+        # The means of v of the fused and sharded executions (derived from v, not state),
+        # and the groups whose means every rank rebuilds from v at their next step.
+        self._kept_means: dict[Tensor, _KeptMean] = {}
+        self._means_to_rebuild: set[int] = set()
         super().__init__(params, defaults)
         self._skipped_on_host = 0  # steps refused by nonfinite="skip" decided on the host
         self._skipped_on_device: Optional[Tensor] = None  # ... and on the device (fused GPU)
@@ -250,20 +280,37 @@ class SoftAdam(Optimizer):
         self.__dict__.setdefault("_layouts", {})
         # Also called by load_state_dict, which makes new group dicts.
         self._group_index = {id(group): i for i, group in enumerate(self.param_groups)}
-        # The step counter is a CPU tensor, as _state_of makes it: older checkpoints and other
-        # tools store a Python number, and torch's load_state_dict moves it to the parameter's
-        # device for groups with fused=True.
+        # Pickles and deep copies carry the kept means (__getstate__), each with the v it is
+        # the mean of; the copy's v is a new tensor, whose version counter starts afresh.
+        kept = self.__dict__.pop("kept_means", None)
+        if kept is not None or "_kept_means" not in self.__dict__:
+            self._kept_means = {p: _KeptMean(value, v, local(v)._version) for p, (value, v) in (kept or {}).items()}
+        self.__dict__.setdefault("_means_to_rebuild", set())
+        # Older optimizers pickled whole kept the means in the state, where engines cannot carry them.
+        for param_state in self.state.values():
+            if param_state.pop(_OLD_MEAN_KEY, None) is not None:
+                self._means_to_rebuild.update(range(len(self.param_groups)))
+        # The step counter is a CPU tensor of each parameter's own, as _state_of makes it:
+        # older checkpoints and other tools store a Python number, torch's load_state_dict
+        # moves it to the parameter's device for groups with fused=True, and otherwise keeps
+        # the loaded tensor itself, which may be shared: with the caller's state dict, and
+        # among tensors (FSDP1's full optimizer state gives every tensor of a FlatParameter
+        # one 0-dim tensor), where it would count once for all of them.
         for param_state in self.state.values():
             step = param_state.get("step")
-            if step is not None and not (
-                isinstance(step, Tensor) and step.device.type == "cpu" and step.dtype == _get_scalar_dtype()
-            ):
+            if step is not None:
                 param_state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles (and deep-copies) defaults, state and param_groups only;
-        # the count of skipped steps is part of the optimizer's public record too.
-        return {**super().__getstate__(), "skipped_steps": self.skipped_steps}
+        # the count of skipped steps is part of the optimizer's public record too, and the
+        # kept means let a copy continue bit for bit as the original does.
+        kept = {
+            p: (mean.value, mean.exp_avg_sq)
+            for p, mean in self._kept_means.items()
+            if mean.valid_for(self.state.get(p, {}).get("exp_avg_sq"))
+        }
+        return {**super().__getstate__(), "skipped_steps": self.skipped_steps, "kept_means": kept}
 
     @property
     def skipped_steps(self) -> int:
@@ -276,25 +323,113 @@ class SoftAdam(Optimizer):
     def skipped_steps(self, value: int) -> None:
         self._skipped_on_host, self._skipped_on_device = int(value), None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state, as `torch.optim.Optimizer.state_dict` gives it.
+
+        "state" holds AdamW's keys only (`step`, `exp_avg`, `exp_avg_sq`), in the shapes
+        of the tensors SoftAdam steps, so that every engine's gather, scatter, reshard
+        and conversion handles it as it handles AdamW's. The running means of v of whole
+        plain tensors (one process, DDP) ride beside it under "exp_avg_sq_means" (saved
+        parameter id -> float64 0-dim tensor), so that a resumed run continues bit for
+        bit; every other mean is rebuilt from v after loading (`load_state_dict`).
+        """
+        state_dict = super().state_dict()
+        means = {}
+        for position, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            whole = self._whole_plain_tensors(self._group_index.get(id(group), position))
+            for p, param_id in zip(group["params"], saved["params"]):
+                mean = self._kept_means.get(p)
+                if (
+                    mean is not None
+                    and id(p) in whole
+                    and mean.value.dim() == 0
+                    and mean.valid_for(self.state.get(p, {}).get("exp_avg_sq"))
+                ):
+                    means[param_id] = mean.value
+        if means:
+            state_dict[_MEANS_KEY] = means
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, keeping float32 moments for low-precision parameters.
 
         `torch.optim.Optimizer.load_state_dict` casts every floating-point state
         tensor to its parameter's dtype, which would round the float32 moments of a
-        bfloat16 parameter to bfloat16 (and the fused execution's float64 mean of v to
-        the parameter's dtype) and break bit-exact resumption. These tensors are
+        bfloat16 parameter to bfloat16 and break bit-exact resumption. These tensors are
         therefore restored from the saved ones at their own dtypes.
+
+        The means of v start again from the loaded v: each is rebuilt at the next step
+        as the float64 sum of `exp_avg_sq` over its whole original tensor (every piece,
+        on every rank) divided by the tensor's size, whatever layout wrote the state. The
+        one exception is a whole plain tensor (one process, DDP) whose mean was saved
+        beside its state ("exp_avg_sq_means", or state "exp_avg_sq_mean" of older
+        checkpoints): that v is the one the mean was taken from, and the run continues bit
+        for bit. A saved per-piece mean (FSDP1 FlatParameters and DeepSpeed partitions
+        in older checkpoints) is dropped: it belongs to the layout that wrote it.
+
+        Each step counter becomes the parameter's own CPU tensor, copied from the loaded
+        one (FSDP1's full optimizer state shares one tensor among the tensors of a
+        FlatParameter, and torch would keep it shared, with the caller's dict too).
         """
+        saved_means = dict(state_dict.get(_MEANS_KEY, {}))
+        for param_id, state in state_dict["state"].items():
+            old = state.get(_OLD_MEAN_KEY)
+            if isinstance(old, Tensor) and old.dim() == 0:
+                saved_means.setdefault(param_id, old)
+        state_dict = {
+            **state_dict,
+            "state": {
+                param_id: {k: v for k, v in state.items() if k != _OLD_MEAN_KEY}
+                for param_id, state in state_dict["state"].items()
+            },
+        }
         saved_moments = {
             param_id: {k: state[k] for k in _STATE_DTYPE_KEYS if k in state}
             for param_id, state in state_dict["state"].items()
         }
-        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        saved_ids = [[pid for pid in group["params"]] for group in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for param_id, param in zip(saved_ids, params):
-            for key, value in saved_moments.get(param_id, {}).items():
-                self.state[param][key] = value.to(device=param.device, dtype=_STATE_DTYPE_KEYS[key](param), copy=True)
+        self._kept_means = {}
+        self._means_to_rebuild = set(range(len(self.param_groups)))
+        for position, (group, ids) in enumerate(zip(self.param_groups, saved_ids)):
+            whole = self._whole_plain_tensors(self._group_index.get(id(group), position))
+            for param_id, param in zip(ids, group["params"]):
+                for key, value in saved_moments.get(param_id, {}).items():
+                    self.state[param][key] = value.to(
+                        device=param.device, dtype=_STATE_DTYPE_KEYS[key](param), copy=True
+                    )
+                mean = saved_means.get(param_id)
+                exp_avg_sq = self.state.get(param, {}).get("exp_avg_sq")
+                if mean is not None and id(param) in whole and exp_avg_sq is not None:
+                    value = mean.to(device=param.device, dtype=torch.float64, copy=True)
+                    self._kept_means[param] = _KeptMean(value, exp_avg_sq, local(exp_avg_sq)._version)
+
+    def rebuild_exp_avg_sq_means(self) -> None:
+        """Rebuild every tensor's mean of v from v itself at its next step.
+
+        The fused executions, and every execution on sharded parameters, carry the mean
+        of v over each original tensor from step to step rather than take it from v.
+        Call this after changing `exp_avg_sq` in `state` outside `step` (averaging it
+        across workers, as fairseq's BMUF does, or editing it by hand). `load_state_dict`
+        does it itself, and a state tensor that was replaced, or changed in place by a
+        torch operation, is noticed without it; a write through `.data` or a raw kernel
+        is not. Where parameters are sharded, call it on every rank: the rebuild adds up
+        the sums of v across ranks.
+        """
+        self._kept_means = {}
+        self._means_to_rebuild = set(range(len(self._built_with)))
+
+    def _whole_plain_tensors(self, index: int) -> set[int]:
+        """ids of the tensors of param group `index` that are whole, plain tensors, as the
+        group was built: their mean of v is one number that only their own v gives."""
+        built = self._built_with[index] if index < len(self._built_with) else []
+        return {
+            id(p)
+            for p in built
+            if type(p) in _PLAIN_TYPES
+            and not getattr(p, "_is_flat_param", False)
+            and not getattr(p, "_fsdp_flattened", False)
+        }
 
     def _fused_execution(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> Optional[str]:
         """The fused execution of this step of `group`: `"cpu"` (the C++ kernel),
@@ -372,7 +507,7 @@ class SoftAdam(Optimizer):
             device = local(params[0]).device if params else torch.device("cpu")
             layout = group_layouts[tuple(stepped)] = GroupLayout(cached[1], stepped, device)
         stepped_params = [params[i] for i in stepped]
-        return _StepPlan(stepped_params, [p.grad for p in stepped_params], layout)
+        return _StepPlan(index, stepped_params, [p.grad for p in stepped_params], layout)
 
     def _state_of(self, plan: _StepPlan, step_device: torch.device) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Per stepped tensor: exp_avg, exp_avg_sq and the step counter, created on first
@@ -395,46 +530,62 @@ class SoftAdam(Optimizer):
 
     def _exp_avg_sq_means(self, plan: _StepPlan, exp_avg_sqs: list[Tensor], keep: bool) -> Optional[list[Tensor]]:
         """Per entry (layout.py), the float64 `mean(v)` of its whole original tensor as of the
-        previous step, when `keep`: state `exp_avg_sq_mean`, one 0-dim tensor per stepped
-        tensor, or one entry per piece for tensors that hold several. Rebuilt from `v` where
-        absent. Otherwise dropped: another execution is about to update `v` without it,
-        which would leave it stale."""
+        previous step, when `keep` (the fused executions, and every execution where the
+        mean needs ranks to add up, carry it): one 0-dim tensor per stepped tensor, or one
+        entry per piece for tensors that hold several. Otherwise None, and the kept means
+        are dropped: another execution is about to update `v` without them.
+
+        A mean that is missing, or not valid for the `v` beside it, is rebuilt from `v`:
+        zero for new state; otherwise the sum of `v` over the whole original tensor (its
+        local pieces and, where it is sharded, across ranks) divided by its size. After
+        `load_state_dict` every rank rebuilds all of a sharded group's means at once, so
+        that each takes part in the all-reduce, also a rank that steps nothing of it."""
+        everything = plan.index in self._means_to_rebuild and bool(plan.layout.domains)
+        self._means_to_rebuild.discard(plan.index)
         if not keep:
             for p in plan.params:
-                self.state[p].pop("exp_avg_sq_mean", None)
+                self._kept_means.pop(p, None)
             return None
         layout = plan.layout
-        pieces_per_tensor = layout.pieces_per_tensor
-        missing = [k for k, p in enumerate(plan.params) if "exp_avg_sq_mean" not in self.state[p]]
-        if missing and all(self.state[plan.params[k]]["step"] == 0 for k in missing):
+        kept: list[Optional[Tensor]] = [None] * len(plan.params)
+        if not everything:
+            for k, (p, v) in enumerate(zip(plan.params, exp_avg_sqs)):
+                mean = self._kept_means.get(p)
+                kept[k] = mean.value if mean is not None and mean.valid_for(v) else None
+        missing = [k for k, mean in enumerate(kept) if mean is None]
+        if missing and not everything and all(self.state[plan.params[k]]["step"] == 0 for k in missing):
             # New state: v is zero, and so is its mean. No all-reduce, which matters where a
             # rank holds no piece of any tensor of a group and so would not take part in it.
             for k in missing:
                 multi = layout.layouts[layout.stepped[k]].pieces is not None
-                size = pieces_per_tensor[k]
-                self.state[plan.params[k]]["exp_avg_sq_mean"] = torch.zeros(
-                    size if multi else (), dtype=torch.float64, device=local(plan.params[k]).device
+                kept[k] = torch.zeros(
+                    layout.pieces_per_tensor[k] if multi else (),
+                    dtype=torch.float64,
+                    device=local(plan.params[k]).device,
                 )
-            missing = []
-        if missing:
-            # mean(v) over each whole original tensor: summed over the local pieces and, for
-            # sharded tensors, across ranks. A layout that needs ranks to add up does this on
-            # every rank at once: its means are kept by every execution, so they go missing
-            # only where the state itself is new (or comes from a checkpoint without them).
+        elif missing or everything:
             sums, _ = layout.whole_sums(_sums(layout.views(exp_avg_sqs)))
             means = sums / torch.tensor(layout.whole_numels, dtype=torch.float64, device=sums.device)
             start = 0
-            for k, count in enumerate(pieces_per_tensor):
-                if k in missing:
+            for k, count in enumerate(layout.pieces_per_tensor):
+                if kept[k] is None:
                     value = means[start : start + count].clone()
-                    multi = layout.layouts[layout.stepped[k]].pieces is not None
-                    self.state[plan.params[k]]["exp_avg_sq_mean"] = value if multi else value.reshape(())
+                    kept[k] = value if layout.layouts[layout.stepped[k]].pieces is not None else value.reshape(())
                 start += count
-        out = []
-        for p in plan.params:
-            mean = self.state[p]["exp_avg_sq_mean"]
+        for k in missing:
+            # The version is taken after the step (_note_means_current), which changes v.
+            self._kept_means[plan.params[k]] = _KeptMean(kept[k], exp_avg_sqs[k], -1)
+        out: list[Tensor] = []
+        for mean in kept:
             out.extend(mean.unbind() if mean.dim() else [mean])
         return out
+
+    def _note_means_current(self, plan: _StepPlan) -> None:
+        """After a step that advanced the kept means: they are the means of v as it is now."""
+        for p in plan.params:
+            mean = self._kept_means.get(p)
+            if mean is not None:
+                mean.version = local(mean.exp_avg_sq)._version
 
     @_use_grad_for_differentiable
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -513,6 +664,8 @@ class SoftAdam(Optimizer):
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
             )
+            if exp_avg_sq_means is not None:
+                self._note_means_current(plan)
         return loss
 
     def _gradients_finite(self, plans: list[_StepPlan], grad_sq_sums: list[tuple[Tensor, list[Tensor]]]) -> bool:
@@ -562,6 +715,7 @@ def _nonfinite_flag(grad_sq_sums: list[tuple[Tensor, list[Tensor]]]) -> Optional
 class _StepPlan(NamedTuple):
     """One parameter group's step: the tensors with a gradient, and where their pieces lie."""
 
+    index: int  # the group's position when it was added
     params: list[Tensor]
     grads: list[Tensor]
     layout: GroupLayout
@@ -628,9 +782,10 @@ def _sums(tensors: list[Tensor], square: bool = False, kernel_checked: bool = Fa
 
     With `square`, over the gradients: the finiteness check of every step, and the
     recurrence of $\bar v$. Without, over `v` (which is never negative), to rebuild
-    $\bar v$ from it. Sums over whole tensors come from these through
-    `GroupLayout.whole_sums`. `kernel_checked`: the fused CPU execution was chosen for
-    these gradients, so they were already found fit for its kernel.
+    $\bar v$ from it: accumulated in float64, so that a rebuilt mean is the float64 mean of
+    the float32 `v` (rebuilds are rare: after a load). Sums over whole tensors come from
+    these through `GroupLayout.whole_sums`. `kernel_checked`: the fused CPU execution was
+    chosen for these gradients, so they were already found fit for its kernel.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
@@ -643,8 +798,8 @@ def _sums(tensors: list[Tensor], square: bool = False, kernel_checked: bool = Fa
         )
     ):
         return fused_cpu_kernel().grad_sq_sums(tensors)
-    # float32 accumulation (float64 for float64 tensors), whatever the tensors' dtype
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    # Gradients: float32 accumulation (float64 for float64 tensors), whatever their dtype.
+    dtype = torch.float64 if not square or any(t.dtype == torch.float64 for t in tensors) else torch.float32
     norms = torch._foreach_norm(tensors, 2 if square else 1, dtype=dtype)
     sums = torch.stack([n.to(tensors[0].device) for n in norms]).double()
     return sums.square() if square else sums

@@ -138,7 +138,7 @@ def main(out: Path) -> None:
             optimizer = SoftAdam(model.parameters(), lr=0.01, fused=True, nonfinite="skip")
             results["fsdp2-fused-gpu"] = train(model, optimizer, rank)
             results["fsdp2-fused-gpu-step-on-device"] = all(
-                "exp_avg_sq_mean" in state and state["step"].item() == STEPS for state in optimizer.state.values()
+                p in optimizer._kept_means and state["step"].item() == STEPS for p, state in optimizer.state.items()
             )
             before = full_parameters(model)
             inputs, targets = batches()[0]

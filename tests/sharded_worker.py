@@ -9,13 +9,13 @@ STEPS SoftAdam steps under each FSDP1 and DeepSpeed setting and each execution, 
 rank's half of every batch, and compares the full parameters after every step with one
 process on the combined batch (computed here, on every rank, without any wrapper). Rank 0
 writes OUT_DIR/results.pt: case -> the largest relative error over the steps, plus what
-the refusal, non-finite and resume cases did on each rank.
+the refusal and non-finite cases did on each rank. Saving and resuming are
+tests/checkpoint_routes_worker.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import os
 import sys
@@ -102,7 +102,8 @@ def reference(execution: dict, grouped: bool | str = False, clip: float | None =
 
 
 def relative_error(ours: list[dict[str, torch.Tensor]], want: list[dict[str, torch.Tensor]]) -> float:
-    assert len(ours) == len(want) == STEPS
+    """The largest relative error of any parameter after any step (both runs as long)."""
+    assert len(ours) == len(want) > 0
     worst = 0.0
     for got, expected in zip(ours, want):
         assert got.keys() == expected.keys(), (sorted(got), sorted(expected))
@@ -265,53 +266,6 @@ def nonfinite_deepspeed(rank: int, stage: int) -> dict[str, object]:
     return {"outcome": outcome, "unchanged": all(torch.equal(before[k], v) for k, v in after.items())}
 
 
-def resume_fsdp1(rank: int, orig: bool, execution: dict) -> float:
-    """Save the parameters and the optimizer state (each rank's own shard) after 2 steps, load
-    both into a fresh wrapper, train 3 more: the result must equal 5 uninterrupted steps."""
-    model = fsdp1_model("FULL_SHARD", orig, per_module=True)
-    optimizer = SoftAdam(model.parameters(), lr=LR, **execution)
-    snapshots = train_fsdp1_steps(model, optimizer, rank, range(2))
-    local_parameters = [p.detach().clone() for p in model.parameters()]
-    optimizer_state = copy.deepcopy(optimizer.state_dict())
-    model = fsdp1_model("FULL_SHARD", orig, per_module=True)
-    with torch.no_grad():
-        for p, saved in zip(model.parameters(), local_parameters):
-            p.copy_(saved)
-    optimizer = SoftAdam(model.parameters(), lr=LR, **execution)
-    optimizer.load_state_dict(optimizer_state)
-    snapshots += train_fsdp1_steps(model, optimizer, rank, range(2, STEPS))
-    return relative_error(snapshots, reference(execution))
-
-
-def train_fsdp1_steps(model, optimizer, rank: int, steps: range) -> list[dict[str, torch.Tensor]]:
-    snapshots = []
-    all_batches = batches()
-    for step in steps:
-        inputs, targets = all_batches[step]
-        optimizer.zero_grad()
-        loss_of(model, share(inputs, rank), share(targets, rank)).backward()
-        optimizer.step()
-        snapshots.append(fsdp1_full_parameters(model))
-    return snapshots
-
-
-def resume_deepspeed(rank: int, stage: int, execution: dict, folder: Path) -> float:
-    """DeepSpeed's own save_checkpoint after 2 steps, load_checkpoint into a fresh engine, 3 more."""
-    engine, model, _ = deepspeed_engine(stage, grouped=True, clip=None, execution=execution)
-    snapshots = train_deepspeed(engine, model, rank, steps=2)
-    with contextlib.redirect_stdout(io.StringIO()):
-        engine.save_checkpoint(str(folder), tag="step2")
-    engine, model, _ = deepspeed_engine(stage, grouped=True, clip=None, execution=execution)
-    with contextlib.redirect_stdout(io.StringIO()):
-        engine.load_checkpoint(str(folder), tag="step2")
-    all_batches = batches()
-    for inputs, targets in all_batches[2:]:
-        engine.backward(loss_of(engine, share(inputs, rank), share(targets, rank)))
-        engine.step()
-        snapshots.append(deepspeed_full_parameters(model))
-    return relative_error(snapshots, reference(execution, grouped=True))
-
-
 def refusal_zero3(rank: int) -> str:
     try:
         engine, _, _ = deepspeed_engine(3, grouped=False, clip=None, execution={})
@@ -372,13 +326,6 @@ def main(out: Path) -> None:
             results[f"nonfinite-fsdp1-orig{orig}-rank{rank}"] = nonfinite_fsdp1(rank, orig)
         for stage in (1, 2):
             results[f"nonfinite-zero{stage}-rank{rank}"] = nonfinite_deepspeed(rank, stage)
-        for name in ("per-tensor", "default"):
-            for orig in (False, True):
-                results[f"resume-fsdp1-orig{orig}-{name}"] = resume_fsdp1(rank, orig, EXECUTIONS[name])
-            for stage in (1, 2):
-                results[f"resume-zero{stage}-{name}"] = resume_deepspeed(
-                    rank, stage, EXECUTIONS[name], out / f"ds-{stage}-{name}"
-                )
         results[f"refusal-zero3-rank{rank}"] = refusal_zero3(rank)
 
     gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]

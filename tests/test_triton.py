@@ -10,6 +10,7 @@ the address tables.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -148,13 +149,41 @@ def test_the_class_picks_the_gpu_execution_and_matches_the_reference() -> None:
     assert_same_run(fused_params, ref_params, torch.float32)
     state = fused.state[fused_params[0]]
     assert state["step"].device.type == DEVICE and state["step"].item() == 30
-    assert state["exp_avg_sq_mean"].dtype == torch.float64
+    assert fused._kept_means[fused_params[0]].value.dtype == torch.float64
     # Switching to the per-tensor execution moves the counter to the CPU and keeps counting.
     fused.param_groups[0]["foreach"] = False
     set_grads(fused_params, torch.Generator().manual_seed(9))
     fused.step()
     assert state["step"].device.type == "cpu" and state["step"].item() == 31
-    assert "exp_avg_sq_mean" not in state
+    assert fused_params[0] not in fused._kept_means
+
+
+def test_a_loaded_state_rebuilds_the_means_by_the_rule() -> None:
+    """After load_state_dict the means of v, which the kernels carry on the device, start
+    again from the loaded v: one step with zero gradients leaves each at (1 - w) times the
+    float64 mean of the loaded v (w = max(1 - beta2, 1/t)), to the order of float64 additions."""
+    params, opt = make_optimizer()
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        set_grads(params, g)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved.pop("exp_avg_sq_means")  # as the engines that reshard the state hand it over
+    for _ in range(3):  # the live optimizer's own means move on, and must not be used
+        set_grads(params, g)
+        opt.step()
+    opt.load_state_dict(saved)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, state in zip(params, saved["state"].values()):
+        if p.numel() == 0:
+            continue
+        w = max(1 - 0.999, 1 / float(opt.state[p]["step"]))
+        want = (1 - w) * (state["exp_avg_sq"].double().sum() / p.numel())
+        got = opt._kept_means[p].value
+        assert got.device.type == DEVICE
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
@@ -165,7 +194,7 @@ def test_a_refused_step_changes_nothing(nonfinite: str) -> None:
         set_grads(params, g)
         opt.step()
     before = {name: [opt.state[p][name].clone() for p in params] for name in ("exp_avg", "exp_avg_sq", "step")}
-    means = [opt.state[p]["exp_avg_sq_mean"].clone() for p in params]
+    means = [opt._kept_means[p].value.clone() for p in params]
     values = [p.detach().clone() for p in params]
     set_grads(params, g, bad=True)
     if nonfinite == "raise":
@@ -176,7 +205,7 @@ def test_a_refused_step_changes_nothing(nonfinite: str) -> None:
         assert opt._skipped_on_device is not None
     assert opt.skipped_steps == (1 if nonfinite == "skip" else 0)
     for p, value, mean in zip(params, values, means):
-        assert torch.equal(p.detach(), value) and torch.equal(opt.state[p]["exp_avg_sq_mean"], mean)
+        assert torch.equal(p.detach(), value) and torch.equal(opt._kept_means[p].value, mean)
     for name, tensors in before.items():
         for p, tensor in zip(params, tensors):
             assert torch.equal(opt.state[p][name], tensor), name
