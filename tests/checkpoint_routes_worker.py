@@ -168,7 +168,9 @@ def fsdp1_state_dict_type(model: torch.nn.Module, kind: str):
             yield
 
 
-def fsdp1_save(orig: bool, kind: str, name: str, folder: Path) -> str:
+def fsdp1_save(orig: bool, name: str, folders: dict[str, Path]) -> dict[str, str]:
+    """Train SAVED_AT steps, then save by each route (state dict type -> folder): what
+    each save did."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -176,7 +178,7 @@ def fsdp1_save(orig: bool, kind: str, name: str, folder: Path) -> str:
     optimizer = make_optimizer(name, model.parameters())
     train(model, optimizer, range(SAVED_AT), lambda: {})
 
-    def save() -> None:
+    def save(kind: str, folder: Path) -> None:
         with fsdp1_state_dict_type(model, kind):
             state = {"model": model.state_dict(), "optim": FSDP.optim_state_dict(model, optimizer)}
         if kind == "full":
@@ -185,10 +187,12 @@ def fsdp1_save(orig: bool, kind: str, name: str, folder: Path) -> str:
         else:
             dcp.save(state, checkpoint_id=str(folder))
 
-    folder.mkdir(parents=True, exist_ok=True)
-    outcome = outcome_of(save)
-    dist.barrier()
-    return outcome
+    outcomes = {}
+    for kind, folder in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        outcomes[kind] = outcome_of(lambda: save(kind, folder))  # noqa: B023 - called at once
+        dist.barrier()
+    return outcomes
 
 
 def fsdp1_resume(orig: bool, kind: str, name: str, folder: Path) -> tuple[list, bool]:
@@ -240,7 +244,8 @@ def fsdp2_options(kind: str):
     return StateDictOptions(full_state_dict=kind == "full", cpu_offload=kind == "full")
 
 
-def fsdp2_save(kind: str, name: str, folder: Path) -> str:
+def fsdp2_save(name: str, folders: dict[str, Path]) -> dict[str, str]:
+    """As `fsdp1_save`, for FSDP2 with torch.distributed.checkpoint's state dicts."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -248,7 +253,7 @@ def fsdp2_save(kind: str, name: str, folder: Path) -> str:
     optimizer = make_optimizer(name, model.parameters())
     train(model, optimizer, range(SAVED_AT), lambda: {})
 
-    def save() -> None:
+    def save(kind: str, folder: Path) -> None:
         model_state, optim_state = get_state_dict(model, optimizer, options=fsdp2_options(kind))
         if kind == "full":
             if dist.get_rank() == 0:
@@ -256,10 +261,12 @@ def fsdp2_save(kind: str, name: str, folder: Path) -> str:
         else:
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
 
-    folder.mkdir(parents=True, exist_ok=True)
-    outcome = outcome_of(save)
-    dist.barrier()
-    return outcome
+    outcomes = {}
+    for kind, folder in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        outcomes[kind] = outcome_of(lambda: save(kind, folder))  # noqa: B023 - called at once
+        dist.barrier()
+    return outcomes
 
 
 def dcp_resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, kind: str, folder: Path) -> None:
@@ -353,26 +360,27 @@ def save_phase(out: Path) -> dict[str, object]:
     results: dict[str, object] = {}
     references = {name: uninterrupted(name) for name in OPTIMIZERS}
     grouped_references = {name: uninterrupted(name, grouped=True) for name in OPTIMIZERS}
-    for orig, kind in FSDP1_ROUTES:
+    for orig in sorted({orig for orig, _ in FSDP1_ROUTES}):
         for name in OPTIMIZERS:
-            case = f"fsdp1-orig{orig}-{kind}-{name}"
-            folder = out / case
-            results[f"save-{case}"] = saved = fsdp1_save(orig, kind, name, folder)
-            if saved == "ok":
-                snapshots, shapes = fsdp1_resume(orig, kind, name, folder)
-                results[f"2to2-{case}"] = error_after_resuming(snapshots, references[name])
-                results[f"shapes-2to2-{case}"] = shapes
-    for kind in FSDP2_ROUTES:
-        for name in OPTIMIZERS:
-            case = f"fsdp2-{kind}-{name}"
-            folder = out / case
-            results[f"save-{case}"] = saved = fsdp2_save(kind, name, folder)
-            if saved == "ok" and kind == "sharded":
-                snapshots, shapes = fsdp2_resume(kind, name, folder)
+            cases = {kind: f"fsdp1-orig{orig}-{kind}-{name}" for o, kind in FSDP1_ROUTES if o == orig}
+            saved = fsdp1_save(orig, name, {kind: out / case for kind, case in cases.items()})
+            for kind, case in cases.items():
+                results[f"save-{case}"] = saved[kind]
+                if saved[kind] == "ok":
+                    snapshots, shapes = fsdp1_resume(orig, kind, name, out / case)
+                    results[f"2to2-{case}"] = error_after_resuming(snapshots, references[name])
+                    results[f"shapes-2to2-{case}"] = shapes
+    for name in OPTIMIZERS:
+        cases = {kind: f"fsdp2-{kind}-{name}" for kind in FSDP2_ROUTES}
+        saved = fsdp2_save(name, {kind: out / case for kind, case in cases.items()})
+        for kind, case in cases.items():
+            results[f"save-{case}"] = saved[kind]
+            if saved[kind] == "ok" and kind == "sharded":
+                snapshots, shapes = fsdp2_resume(kind, name, out / case)
                 results[f"2to2-{case}"] = error_after_resuming(snapshots, references[name])
                 results[f"shapes-2to2-{case}"] = shapes
                 if name != "adamw":
-                    results[f"rebuild-2to2-{case}"] = fsdp2_rebuilt_means(kind, name, folder)
+                    results[f"rebuild-2to2-{case}"] = fsdp2_rebuilt_means(kind, name, out / case)
     with quiet_deepspeed():
         for stage in ZERO_STAGES:
             for name in OPTIMIZERS:
