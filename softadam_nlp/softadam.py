@@ -390,7 +390,7 @@ class SoftAdam(Optimizer):
         saved_ids = [[pid for pid in group["params"]] for group in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
         self._kept_means = {}
-        self._means_to_rebuild = set(range(len(self.param_groups)))
+        self._means_to_rebuild = set(range(len(self._built_with)))
         for position, (group, ids) in enumerate(zip(self.param_groups, saved_ids)):
             whole = self._whole_plain_tensors(self._group_index.get(id(group), position))
             for param_id, param in zip(ids, group["params"]):
@@ -783,9 +783,10 @@ def _sums(tensors: list[Tensor], square: bool = False, kernel_checked: bool = Fa
     With `square`, over the gradients: the finiteness check of every step, and the
     recurrence of $\bar v$. Without, over `v` (which is never negative), to rebuild
     $\bar v$ from it: accumulated in float64, so that a rebuilt mean is the float64 mean of
-    the float32 `v` (rebuilds are rare: after a load). Sums over whole tensors come from
-    these through `GroupLayout.whole_sums`. `kernel_checked`: the fused CPU execution was
-    chosen for these gradients, so they were already found fit for its kernel.
+    the float32 `v` (rebuilds are rare: after a load or a change of execution). Sums over
+    whole tensors come from these through `GroupLayout.whole_sums`. `kernel_checked`: the
+    fused CPU execution was chosen for these gradients, so they were already found fit
+    for its kernel.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
