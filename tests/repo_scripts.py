@@ -20,3 +20,20 @@ def run_repo_script(relative_path: str, *args: object, timeout: int = 900, **env
         env=environment,
         timeout=timeout,
     )
+
+
+def run_under_torchrun(
+    relative_path: str, *args: object, ranks: int = 2, timeout: int = 1200, **env: str
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node RANKS REPO/relative_path ARGS``: CPU processes
+    with one thread each (they share the machine's cores), the repository importable,
+    output captured."""
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+    return subprocess.run(
+        [*command, str(REPO / relative_path), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+    )

@@ -13,8 +13,6 @@ process that resumes every checkpoint alone.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint_routes_worker import FSDP1_ROUTES, FSDP2_ROUTES, OPTIMIZERS, ZERO_STAGES  # noqa: E402
+from repo_scripts import run_under_torchrun  # noqa: E402
 
 from softadam_nlp import SoftAdam  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 EXECUTIONS = {
     "per-tensor": dict(foreach=False),
     "foreach": dict(foreach=True),
@@ -207,22 +205,8 @@ def test_a_step_counter_shared_in_a_loaded_state_becomes_each_tensors_own() -> N
 
 
 def launch(phase: str, ranks: int, out: Path) -> dict:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(ranks),
-            str(REPO / "tests" / "checkpoint_routes_worker.py"),
-            phase,
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore"),
+    result = run_under_torchrun(
+        "tests/checkpoint_routes_worker.py", phase, out, ranks=ranks, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore"
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return torch.load(out / f"results-{phase}.pt", weights_only=False)

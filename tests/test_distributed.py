@@ -8,8 +8,6 @@ in every execution. One torchrun launch (tests/distributed_worker.py) runs all c
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_worker import EXECUTIONS, STEPS, build_model, train  # noqa: E402
+from repo_scripts import run_under_torchrun  # noqa: E402
 
 from softadam_nlp import SoftAdam  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 # Float tolerance of the comparisons: the two ranks' halves add up in another order than
 # one process's whole batch. A mean of v over the local shard instead of the whole tensor
 # is off by about 2e-2 in this model (checked by breaking the all-reduce once).
@@ -31,22 +29,7 @@ RTOL = 1e-5
 @pytest.fixture(scope="module")
 def distributed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("distributed")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(REPO / "tests" / "distributed_worker.py"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
-    )
+    result = run_under_torchrun("tests/distributed_worker.py", out, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return torch.load(out / "results.pt"), out
 

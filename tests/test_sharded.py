@@ -14,8 +14,6 @@ resuming: tests/test_checkpoint_routes.py).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repo_scripts import run_under_torchrun  # noqa: E402
 from sharded_worker import (  # noqa: E402
     DEEPSPEED_SETTINGS,
     EXECUTIONS,
@@ -33,7 +32,6 @@ from sharded_worker import (  # noqa: E402
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is part of the pinned environment (make setup)")
 
-REPO = Path(__file__).resolve().parents[1]
 # The two ranks' halves add up in another order than one process's whole batch (the
 # errors seen are about 1e-7). Without the all-reduce of the per-tensor sums (a mean over
 # the local pieces instead), every sharded case is off by 1.5e-4 to 1.5e-3; NO_SHARD needs
@@ -44,22 +42,7 @@ RTOL = 1e-5
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("sharded")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(REPO / "tests" / "sharded_worker.py"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"),
-    )
+    result = run_under_torchrun("tests/sharded_worker.py", out, DS_ACCELERATOR="cpu")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return torch.load(out / "results.pt", weights_only=False)
 
@@ -103,32 +86,12 @@ def test_deepspeed_zero3_is_refused_by_name(results: dict) -> None:
 
 def test_step_benchmark_under_each_engine_reports_softadam_against_adamw(tmp_path: Path) -> None:
     record_path = tmp_path / "bench.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(REPO / "scripts" / "bench_distributed.py"),
-            "--width",
-            "16",
-            "--layers",
-            "1",
-            "--rounds",
-            "2",
-            "--steps-per-round",
-            "1",
-            "--warmup",
-            "1",
-            "--json",
-            str(record_path),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_under_torchrun(
+        "scripts/bench_distributed.py",
+        *("--width", 16, "--layers", 1, "--rounds", 2, "--steps-per-round", 1, "--warmup", 1),
+        *("--json", record_path),
         timeout=600,
-        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"),
+        DS_ACCELERATOR="cpu",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| engine | AdamW step (ms) | AdamW fused (ms) | SoftAdam step (ms) | SoftAdam / AdamW |" in result.stdout
