@@ -156,6 +156,9 @@ def fsdp1_state_dict_type(model: torch.nn.Module, kind: str):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if kind == "full":
+        # Every rank gets the whole state (rank0_only=False), to load on 2 ranks and to save on
+        # rank 0. offload_to_cpu stays off: the parameters are on the CPU already, and with
+        # use_orig_params=True it made FSDP's model.state_dict() segfault (torch 2.13, gloo).
         with FSDP.state_dict_type(
             model,
             StateDictType.FULL_STATE_DICT,
