@@ -171,19 +171,14 @@ def fsdp1_state_dict_type(model: torch.nn.Module, kind: str):
             yield
 
 
-def fsdp1_save(orig: bool, name: str, folders: dict[str, Path]) -> dict[str, str]:
-    """Train SAVED_AT steps, then save by each route (state dict type -> folder): what
-    each save did."""
+def save_by_each_route(state_of: Callable[[str], dict], folders: dict[str, Path]) -> dict[str, str]:
+    """Write each route's checkpoint (state dict type -> folder) of the state `state_of`
+    gives for it: "full" as one file from rank 0, "sharded" with torch.distributed.checkpoint.
+    Returns what each save did."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    model = fsdp1_model(orig)
-    optimizer = make_optimizer(name, model.parameters())
-    train(model, optimizer, range(SAVED_AT), lambda: {})
 
     def save(kind: str, folder: Path) -> None:
-        with fsdp1_state_dict_type(model, kind):
-            state = {"model": model.state_dict(), "optim": FSDP.optim_state_dict(model, optimizer)}
+        state = state_of(kind)
         if kind == "full":
             if dist.get_rank() == 0:
                 torch.save(state, folder / "full.pt")
@@ -196,6 +191,21 @@ def fsdp1_save(orig: bool, name: str, folders: dict[str, Path]) -> dict[str, str
         outcomes[kind] = outcome_of(lambda: save(kind, folder))  # noqa: B023 - called at once
         dist.barrier()
     return outcomes
+
+
+def fsdp1_save(orig: bool, name: str, folders: dict[str, Path]) -> dict[str, str]:
+    """Train SAVED_AT steps, then save by each route (state dict type -> folder)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = fsdp1_model(orig)
+    optimizer = make_optimizer(name, model.parameters())
+    train(model, optimizer, range(SAVED_AT), lambda: {})
+
+    def state_of(kind: str) -> dict:
+        with fsdp1_state_dict_type(model, kind):
+            return {"model": model.state_dict(), "optim": FSDP.optim_state_dict(model, optimizer)}
+
+    return save_by_each_route(state_of, folders)
 
 
 def fsdp1_resume(orig: bool, kind: str, name: str, folder: Path) -> tuple[list, bool]:
@@ -249,27 +259,17 @@ def fsdp2_options(kind: str):
 
 def fsdp2_save(name: str, folders: dict[str, Path]) -> dict[str, str]:
     """As `fsdp1_save`, for FSDP2 with torch.distributed.checkpoint's state dicts."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model = fsdp2_model()
     optimizer = make_optimizer(name, model.parameters())
     train(model, optimizer, range(SAVED_AT), lambda: {})
 
-    def save(kind: str, folder: Path) -> None:
+    def state_of(kind: str) -> dict:
         model_state, optim_state = get_state_dict(model, optimizer, options=fsdp2_options(kind))
-        if kind == "full":
-            if dist.get_rank() == 0:
-                torch.save({"model": model_state, "optim": optim_state}, folder / "full.pt")
-        else:
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+        return {"model": model_state, "optim": optim_state}
 
-    outcomes = {}
-    for kind, folder in folders.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        outcomes[kind] = outcome_of(lambda: save(kind, folder))  # noqa: B023 - called at once
-        dist.barrier()
-    return outcomes
+    return save_by_each_route(state_of, folders)
 
 
 def dcp_resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, kind: str, folder: Path) -> None:
